@@ -1,0 +1,6 @@
+//! ephemerald: a node agent that runs Kubernetes ephemeral containers through the CRI.
+
+pub mod cri;
+pub mod kubelet;
+pub mod reconcile;
+pub mod testbed;

@@ -1,0 +1,5 @@
+//! The reconcile path of one pod: observe the runtime, plan (pure), execute,
+//! compute status (pure). `translate` turns one ephemeral container into the
+//! CRI config the kubelet would send.
+
+pub mod translate;

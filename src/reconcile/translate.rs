@@ -1,0 +1,616 @@
+//! Pure translation of one ephemeral container of a pod into the CRI
+//! `ContainerConfig` the kubelet would send (`generateContainerConfig` and
+//! friends in the kubelet's `kuberuntime`). No I/O: everything observed on
+//! the node (target id, resolved image, attempt, host files) comes in
+//! [`Inputs`]. Ephemeral containers get **no resources**.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, EphemeralContainer, Pod, PodSecurityContext, SELinuxOptions, SecurityContext,
+    Volume,
+};
+
+use crate::cri::proto::{
+    self, ContainerConfig, ContainerMetadata, ImageSpec, KeyValue, LinuxContainerConfig,
+    LinuxContainerSecurityContext, Mount, MountPropagation, NamespaceMode, NamespaceOption,
+    SecurityProfile, security_profile::ProfileType,
+};
+use crate::kubelet;
+
+/// What translation needs besides the spec; all of it observed by the caller.
+#[derive(Debug, Clone)]
+pub struct Inputs<'a> {
+    /// The pod, as last seen from the API server.
+    pub pod: &'a Pod,
+    /// The ephemeral container to start.
+    pub container: &'a EphemeralContainer,
+    /// Runtime id of the newest container of `targetContainerName`.
+    pub target_id: Option<&'a str>,
+    /// The image as the runtime resolved it.
+    pub image: &'a ResolvedImage,
+    /// CRI attempt (the kubelet's restart count), 0 unless older logs exist.
+    pub attempt: u32,
+    /// Host files to bind into the container.
+    pub host_files: &'a HostFiles,
+    /// The node's directories.
+    pub node: &'a NodeDirs,
+}
+
+/// An image present on the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvedImage {
+    /// The runtime's image id (`sha256:…`), passed to CreateContainer.
+    pub id: String,
+    /// The image's numeric user, if it declares one.
+    pub uid: Option<i64>,
+    /// The image's user name, if it declares a non-numeric one.
+    pub username: String,
+}
+
+/// Host files the kubelet binds into each container.
+#[derive(Debug, Clone, Default)]
+pub struct HostFiles {
+    /// The pod's hosts file (`<pod dir>/etc-hosts`), if it exists.
+    pub etc_hosts: Option<PathBuf>,
+    /// The file prepared for this container's termination message.
+    pub termination_log: Option<PathBuf>,
+}
+
+/// The node directories that spec fields refer to.
+#[derive(Debug, Clone)]
+pub struct NodeDirs {
+    /// The kubelet's per-pod directories (`/var/lib/kubelet/pods`).
+    pub pods: PathBuf,
+    /// Where `Localhost` seccomp profiles live (`/var/lib/kubelet/seccomp`).
+    pub seccomp: PathBuf,
+}
+
+/// Why a spec cannot be turned into a container config. The kubelet reports
+/// all of these as `CreateContainerConfigError`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TranslateError {
+    /// An env var takes its value from a source the agent does not read (yet).
+    #[error("env var {name:?}: {source_kind} is not supported by ephemerald yet")]
+    UnsupportedEnvSource {
+        /// The variable.
+        name: String,
+        /// `configMapKeyRef`, `secretKeyRef` or `resourceFieldRef`.
+        source_kind: &'static str,
+    },
+    /// `envFrom` needs ConfigMaps or Secrets, which the agent does not read (yet).
+    #[error("envFrom is not supported by ephemerald yet")]
+    UnsupportedEnvFrom,
+    /// A `fieldRef` names a field that cannot be exposed as an env var.
+    #[error("unsupported fieldPath: {0}")]
+    UnsupportedFieldPath(String),
+    /// A volume mount names a volume the pod does not have.
+    #[error("cannot find volume {volume:?} to mount into container {container:?}")]
+    VolumeNotFound {
+        /// The volume name.
+        volume: String,
+        /// The container.
+        container: String,
+    },
+    /// A volume of a type whose host directory the agent cannot locate.
+    #[error(
+        "volume {0:?}: only hostPath, emptyDir, configMap, secret, projected and downwardAPI volumes can be mounted by ephemerald"
+    )]
+    UnsupportedVolume(String),
+    /// `runAsNonRoot` cannot be honoured; the message is the kubelet's.
+    #[error("{0}")]
+    NonRoot(String),
+}
+
+/// The pod's namespace modes before any target is applied: PID is NODE
+/// (`hostPID`), POD (`shareProcessNamespace`) or CONTAINER; network and IPC
+/// are NODE for `hostNetwork`/`hostIPC`, else POD.
+pub fn pod_namespace_options(pod: &Pod) -> NamespaceOption {
+    let spec = pod.spec.as_ref();
+    let flag = |f: fn(&k8s_openapi::api::core::v1::PodSpec) -> Option<bool>| {
+        spec.and_then(f).unwrap_or(false)
+    };
+    let pid = if flag(|s| s.host_pid) {
+        NamespaceMode::Node
+    } else if flag(|s| s.share_process_namespace) {
+        NamespaceMode::Pod
+    } else {
+        NamespaceMode::Container
+    };
+    let mode = |host: bool| {
+        if host {
+            NamespaceMode::Node
+        } else {
+            NamespaceMode::Pod
+        }
+    };
+    NamespaceOption {
+        network: mode(flag(|s| s.host_network)) as i32,
+        pid: pid as i32,
+        ipc: mode(flag(|s| s.host_ipc)) as i32,
+        target_id: String::new(),
+    }
+}
+
+/// The namespace options of the ephemeral container: the pod's, with PID mode
+/// CONTAINER turned into TARGET when a target is known. A pod that shares one
+/// PID namespace (or the host's) already lets the container see its target.
+pub fn container_namespace_options(pod: &Pod, target_id: Option<&str>) -> NamespaceOption {
+    let mut ns = pod_namespace_options(pod);
+    if let Some(id) = target_id
+        && ns.pid == NamespaceMode::Container as i32
+    {
+        ns.pid = NamespaceMode::Target as i32;
+        ns.target_id = id.to_string();
+    }
+    ns
+}
+
+/// Builds the CRI config for one ephemeral container.
+pub fn container_config(inp: &Inputs<'_>) -> Result<ContainerConfig, TranslateError> {
+    let c = inp.container;
+    let pod = inp.pod;
+    let user_image = c.image.clone().unwrap_or_default();
+
+    verify_run_as_non_root(pod, c, inp.image)?;
+    let envs = environment(pod, c)?;
+    let lookup = |name: &str| {
+        envs.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let command = c
+        .command
+        .iter()
+        .flatten()
+        .map(|s| expand(s, lookup))
+        .collect();
+    let args = c.args.iter().flatten().map(|s| expand(s, lookup)).collect();
+
+    Ok(ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: c.name.clone(),
+            attempt: inp.attempt,
+        }),
+        image: Some(ImageSpec {
+            image: inp.image.id.clone(),
+            user_specified_image: user_image.clone(),
+            ..Default::default()
+        }),
+        command,
+        args,
+        working_dir: c.working_dir.clone().unwrap_or_default(),
+        envs: envs
+            .into_iter()
+            .map(|(key, value)| KeyValue {
+                key,
+                value: value.into_bytes(),
+            })
+            .collect(),
+        mounts: mounts(inp)?,
+        devices: vec![],
+        labels: kubelet::container_labels(pod, &c.name)
+            .into_iter()
+            .collect(),
+        annotations: kubelet::container_annotations(
+            pod,
+            &c.name,
+            &user_image,
+            kubelet::termination_message_path(c),
+            kubelet::termination_message_policy(c),
+            inp.attempt,
+        )
+        .into_iter()
+        .collect(),
+        log_path: kubelet::container_log_path(&c.name, inp.attempt),
+        stdin: c.stdin.unwrap_or(false),
+        stdin_once: c.stdin_once.unwrap_or(false),
+        tty: c.tty.unwrap_or(false),
+        linux: Some(LinuxContainerConfig {
+            resources: None,
+            security_context: Some(security_context(inp)),
+        }),
+    })
+}
+
+/// The pod-level security context merged under the container's own, as the
+/// kubelet's `DetermineEffectiveSecurityContext` does: container fields win.
+fn effective_security_context(pod: &Pod, c: &EphemeralContainer) -> Option<SecurityContext> {
+    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let c_sc = c.security_context.as_ref();
+    if pod_sc.is_none() && c_sc.is_none() {
+        return None;
+    }
+    let mut sc = pod_sc.map(from_pod_level).unwrap_or_default();
+    if let Some(own) = c_sc {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if own.$f.is_some() { sc.$f = own.$f.clone(); } )* };
+        }
+        take!(
+            capabilities,
+            privileged,
+            se_linux_options,
+            windows_options,
+            run_as_user,
+            run_as_group,
+            run_as_non_root,
+            read_only_root_filesystem,
+            allow_privilege_escalation,
+            proc_mount,
+            seccomp_profile,
+            app_armor_profile
+        );
+    }
+    Some(sc)
+}
+
+fn from_pod_level(p: &PodSecurityContext) -> SecurityContext {
+    SecurityContext {
+        se_linux_options: p.se_linux_options.clone(),
+        windows_options: p.windows_options.clone(),
+        run_as_user: p.run_as_user,
+        run_as_group: p.run_as_group,
+        run_as_non_root: p.run_as_non_root,
+        seccomp_profile: p.seccomp_profile.clone(),
+        app_armor_profile: p.app_armor_profile.clone(),
+        ..Default::default()
+    }
+}
+
+/// The kubelet's `verifyRunAsNonRoot`, with its messages.
+fn verify_run_as_non_root(
+    pod: &Pod,
+    c: &EphemeralContainer,
+    image: &ResolvedImage,
+) -> Result<(), TranslateError> {
+    let Some(sc) = effective_security_context(pod, c) else {
+        return Ok(());
+    };
+    if sc.run_as_non_root != Some(true) {
+        return Ok(());
+    }
+    let who = format!(
+        "(pod: {:?}, container: {})",
+        kubelet::format_pod(pod),
+        c.name
+    );
+    match (sc.run_as_user, image.uid) {
+        (Some(0), _) => Err(TranslateError::NonRoot(format!(
+            "container's runAsUser breaks non-root policy {who}"
+        ))),
+        (Some(_), _) => Ok(()),
+        (None, Some(0)) => Err(TranslateError::NonRoot(format!(
+            "container has runAsNonRoot and image will run as root {who}"
+        ))),
+        (None, None) if !image.username.is_empty() => Err(TranslateError::NonRoot(format!(
+            "container has runAsNonRoot and image has non-numeric user ({}), cannot verify user is non-root {who}",
+            image.username
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Paths the kubelet masks in /proc and /sys unless `procMount: Unmasked`.
+pub const DEFAULT_MASKED_PATHS: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Paths the kubelet makes read-only unless `procMount: Unmasked`.
+pub const DEFAULT_READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+fn security_context(inp: &Inputs<'_>) -> LinuxContainerSecurityContext {
+    let pod = inp.pod;
+    let effective = effective_security_context(pod, inp.container);
+    let sc = effective.clone().unwrap_or_default();
+    let unmasked = sc.proc_mount.as_deref() == Some("Unmasked");
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    let mut out = LinuxContainerSecurityContext {
+        capabilities: sc.capabilities.as_ref().map(capabilities),
+        privileged: sc.privileged.unwrap_or(false),
+        namespace_options: Some(container_namespace_options(pod, inp.target_id)),
+        selinux_options: sc.se_linux_options.as_ref().map(selinux),
+        run_as_user: sc.run_as_user.map(|value| proto::Int64Value { value }),
+        run_as_group: sc.run_as_group.map(|value| proto::Int64Value { value }),
+        readonly_rootfs: sc.read_only_root_filesystem.unwrap_or(false),
+        // Only an explicit `allowPrivilegeEscalation: false` sets no_new_privs.
+        no_new_privs: sc.allow_privilege_escalation == Some(false),
+        masked_paths: if unmasked {
+            vec![]
+        } else {
+            strings(DEFAULT_MASKED_PATHS)
+        },
+        readonly_paths: if unmasked {
+            vec![]
+        } else {
+            strings(DEFAULT_READONLY_PATHS)
+        },
+        seccomp: Some(seccomp(sc.seccomp_profile.as_ref(), &inp.node.seccomp)),
+        apparmor: sc.app_armor_profile.as_ref().map(|p| SecurityProfile {
+            profile_type: profile_type(&p.type_) as i32,
+            localhost_ref: p.localhost_profile.clone().unwrap_or_default(),
+        }),
+        ..Default::default()
+    };
+    if out.run_as_user.is_none() {
+        // Fall back to the image's user, as the kubelet does.
+        if let Some(uid) = inp.image.uid {
+            out.run_as_user = Some(proto::Int64Value { value: uid });
+        } else if !inp.image.username.is_empty() {
+            out.run_as_username = inp.image.username.clone();
+        }
+    }
+    if let Some(psc) = pod.spec.as_ref().and_then(|s| s.security_context.as_ref()) {
+        out.supplemental_groups.extend(psc.fs_group);
+        out.supplemental_groups
+            .extend(psc.supplemental_groups.iter().flatten().copied());
+    }
+    out
+}
+
+fn capabilities(c: &Capabilities) -> proto::Capability {
+    proto::Capability {
+        add_capabilities: c.add.clone().unwrap_or_default(),
+        drop_capabilities: c.drop.clone().unwrap_or_default(),
+        add_ambient_capabilities: vec![],
+    }
+}
+
+fn selinux(o: &SELinuxOptions) -> proto::SeLinuxOption {
+    proto::SeLinuxOption {
+        user: o.user.clone().unwrap_or_default(),
+        role: o.role.clone().unwrap_or_default(),
+        r#type: o.type_.clone().unwrap_or_default(),
+        level: o.level.clone().unwrap_or_default(),
+    }
+}
+
+fn profile_type(t: &str) -> ProfileType {
+    match t {
+        "RuntimeDefault" => ProfileType::RuntimeDefault,
+        "Localhost" => ProfileType::Localhost,
+        _ => ProfileType::Unconfined,
+    }
+}
+
+/// Container profile, else pod profile, else Unconfined (the kubelet's
+/// default while `--seccomp-default` is off). Localhost profiles are
+/// resolved under the kubelet's seccomp directory.
+fn seccomp(
+    profile: Option<&k8s_openapi::api::core::v1::SeccompProfile>,
+    root: &Path,
+) -> SecurityProfile {
+    match profile {
+        None => SecurityProfile {
+            profile_type: ProfileType::Unconfined as i32,
+            localhost_ref: String::new(),
+        },
+        Some(p) => {
+            let kind = profile_type(&p.type_);
+            let localhost_ref = match (kind, &p.localhost_profile) {
+                (ProfileType::Localhost, Some(rel)) => root.join(rel).display().to_string(),
+                _ => String::new(),
+            };
+            SecurityProfile {
+                profile_type: kind as i32,
+                localhost_ref,
+            }
+        }
+    }
+}
+
+/// Env vars in spec order, values expanded against the ones before them;
+/// a later duplicate replaces the earlier value in place.
+fn environment(pod: &Pod, c: &EphemeralContainer) -> Result<Vec<(String, String)>, TranslateError> {
+    if c.env_from.as_ref().is_some_and(|v| !v.is_empty()) {
+        return Err(TranslateError::UnsupportedEnvFrom);
+    }
+    let mut out: Vec<(String, String)> = Vec::new();
+    for var in c.env.iter().flatten() {
+        let value = match &var.value_from {
+            None => {
+                let lookup =
+                    |name: &str| out.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+                expand(var.value.as_deref().unwrap_or_default(), lookup)
+            }
+            Some(src) => {
+                let unsupported = |source_kind| TranslateError::UnsupportedEnvSource {
+                    name: var.name.clone(),
+                    source_kind,
+                };
+                if let Some(f) = &src.field_ref {
+                    field_value(pod, &f.field_path)?
+                } else if src.config_map_key_ref.is_some() {
+                    return Err(unsupported("configMapKeyRef"));
+                } else if src.secret_key_ref.is_some() {
+                    return Err(unsupported("secretKeyRef"));
+                } else {
+                    return Err(unsupported("resourceFieldRef"));
+                }
+            }
+        };
+        match out.iter_mut().find(|(k, _)| *k == var.name) {
+            Some(slot) => slot.1 = value,
+            None => out.push((var.name.clone(), value)),
+        }
+    }
+    Ok(out)
+}
+
+/// The downward API for env vars (the kubelet's `podFieldSelectorRuntimeValue`).
+fn field_value(pod: &Pod, path: &str) -> Result<String, TranslateError> {
+    let meta = &pod.metadata;
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let map_entry = |map: &Option<BTreeMap<String, String>>, prefix: &str| {
+        let key = path.strip_prefix(prefix)?.strip_suffix("']")?;
+        Some(
+            map.as_ref()
+                .and_then(|m| m.get(key))
+                .cloned()
+                .unwrap_or_default(),
+        )
+    };
+    let v = match path {
+        "metadata.name" => meta.name.clone().unwrap_or_default(),
+        "metadata.namespace" => kubelet::namespace(pod).to_string(),
+        "metadata.uid" => meta.uid.clone().unwrap_or_default(),
+        "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        "spec.serviceAccountName" => spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_default(),
+        "status.hostIP" => status.and_then(|s| s.host_ip.clone()).unwrap_or_default(),
+        "status.podIP" => status.and_then(|s| s.pod_ip.clone()).unwrap_or_default(),
+        "status.hostIPs" => status
+            .and_then(|s| s.host_ips.as_ref())
+            .map(|ips| {
+                ips.iter()
+                    .map(|i| i.ip.clone())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default(),
+        "status.podIPs" => status
+            .and_then(|s| s.pod_ips.as_ref())
+            .map(|ips| {
+                ips.iter()
+                    .map(|i| i.ip.clone())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default(),
+        _ => map_entry(&meta.labels, "metadata.labels['")
+            .or_else(|| map_entry(&meta.annotations, "metadata.annotations['"))
+            .ok_or_else(|| TranslateError::UnsupportedFieldPath(path.to_string()))?,
+    };
+    Ok(v)
+}
+
+/// `$(NAME)` expansion as in the kubelet: known names are replaced, unknown
+/// references stay as written, `$$` is an escaped `$`.
+pub fn expand<'v>(input: &str, lookup: impl Fn(&str) -> Option<&'v str>) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('(')
+            && let Some(end) = body.find(')')
+        {
+            let name = &body[..end];
+            match lookup(name) {
+                Some(v) => out.push_str(v),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Volume mounts, then `/etc/hosts`, then the termination-message file, in
+/// the kubelet's order.
+fn mounts(inp: &Inputs<'_>) -> Result<Vec<Mount>, TranslateError> {
+    let c = inp.container;
+    let volumes = inp
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_deref())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for vm in c.volume_mounts.iter().flatten() {
+        let volume = volumes.iter().find(|v| v.name == vm.name).ok_or_else(|| {
+            TranslateError::VolumeNotFound {
+                volume: vm.name.clone(),
+                container: c.name.clone(),
+            }
+        })?;
+        let propagation = match vm.mount_propagation.as_deref() {
+            Some("HostToContainer") => MountPropagation::PropagationHostToContainer,
+            Some("Bidirectional") => MountPropagation::PropagationBidirectional,
+            _ => MountPropagation::PropagationPrivate,
+        };
+        out.push(Mount {
+            container_path: vm.mount_path.clone(),
+            host_path: volume_host_path(inp, volume)?.display().to_string(),
+            readonly: vm.read_only.unwrap_or(false),
+            selinux_relabel: false,
+            propagation: propagation as i32,
+        });
+    }
+    let mounts_hosts = out.iter().any(|m| m.container_path == "/etc/hosts");
+    if let Some(hosts) = &inp.host_files.etc_hosts
+        && !mounts_hosts
+    {
+        out.push(Mount {
+            container_path: "/etc/hosts".into(),
+            host_path: hosts.display().to_string(),
+            ..Default::default()
+        });
+    }
+    if let Some(log) = &inp.host_files.termination_log {
+        out.push(Mount {
+            container_path: kubelet::termination_message_path(c).to_string(),
+            host_path: log.display().to_string(),
+            ..Default::default()
+        });
+    }
+    Ok(out)
+}
+
+/// Where the kubelet materialises a pod volume on the host.
+fn volume_host_path(inp: &Inputs<'_>, v: &Volume) -> Result<PathBuf, TranslateError> {
+    if let Some(hp) = &v.host_path {
+        return Ok(PathBuf::from(&hp.path));
+    }
+    let plugin = if v.empty_dir.is_some() {
+        "kubernetes.io~empty-dir"
+    } else if v.config_map.is_some() {
+        "kubernetes.io~configmap"
+    } else if v.secret.is_some() {
+        "kubernetes.io~secret"
+    } else if v.projected.is_some() {
+        "kubernetes.io~projected"
+    } else if v.downward_api.is_some() {
+        "kubernetes.io~downward-api"
+    } else {
+        return Err(TranslateError::UnsupportedVolume(v.name.clone()));
+    };
+    Ok(kubelet::pod_dir(&inp.node.pods, inp.pod)
+        .join("volumes")
+        .join(plugin)
+        .join(&v.name))
+}
+
+#[cfg(test)]
+mod tests;
