@@ -1,6 +1,7 @@
 //! ephemerald: a node agent that runs Kubernetes ephemeral containers through the CRI.
 
 pub mod cri;
+pub mod k8s;
 pub mod kubelet;
 pub mod reconcile;
 pub mod testbed;

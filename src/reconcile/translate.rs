@@ -58,9 +58,11 @@ pub struct HostFiles {
     pub termination_log: Option<PathBuf>,
 }
 
-/// The node directories that spec fields refer to.
+/// The node's directories in the kubelet's layout.
 #[derive(Debug, Clone)]
 pub struct NodeDirs {
+    /// Pod log directories (`/var/log/pods`).
+    pub pod_logs: PathBuf,
     /// The kubelet's per-pod directories (`/var/lib/kubelet/pods`).
     pub pods: PathBuf,
     /// Where `Localhost` seccomp profiles live (`/var/lib/kubelet/seccomp`).
@@ -614,3 +616,94 @@ fn volume_host_path(inp: &Inputs<'_>, v: &Volume) -> Result<PathBuf, TranslateEr
 
 #[cfg(test)]
 mod tests;
+
+/// The sandbox config the kubelet would generate for the pod
+/// (`generatePodSandboxConfig`): metadata, hostname (empty on the host
+/// network), log directory, the pod's labels and annotations, namespace
+/// options, and the given cgroup parent. The agent sends it with every
+/// CreateContainer, as the kubelet does; the runtime takes the container's
+/// log directory and cgroup parent from it.
+pub fn sandbox_config(
+    pod: &Pod,
+    pod_logs_root: &Path,
+    attempt: u32,
+    cgroup_parent: &str,
+) -> proto::PodSandboxConfig {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let host_network = spec.host_network.unwrap_or(false);
+    let hostname = if host_network {
+        String::new()
+    } else {
+        let mut h: String = spec
+            .hostname
+            .clone()
+            .unwrap_or_else(|| kubelet::name(pod).to_string());
+        h.truncate(63);
+        h.trim_end_matches(['-', '.']).to_string()
+    };
+    let psc = spec.security_context.clone().unwrap_or_default();
+    proto::PodSandboxConfig {
+        metadata: Some(proto::PodSandboxMetadata {
+            name: kubelet::name(pod).into(),
+            uid: kubelet::uid(pod).into(),
+            namespace: kubelet::namespace(pod).into(),
+            attempt,
+        }),
+        hostname,
+        log_directory: kubelet::pod_log_dir(pod_logs_root, pod)
+            .display()
+            .to_string(),
+        dns_config: None,
+        port_mappings: vec![],
+        labels: kubelet::sandbox_labels(pod).into_iter().collect(),
+        annotations: pod
+            .metadata
+            .annotations
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        linux: Some(proto::LinuxPodSandboxConfig {
+            cgroup_parent: cgroup_parent.into(),
+            security_context: Some(proto::LinuxSandboxSecurityContext {
+                namespace_options: Some(pod_namespace_options(pod)),
+                selinux_options: psc.se_linux_options.as_ref().map(selinux),
+                run_as_user: psc.run_as_user.map(|value| proto::Int64Value { value }),
+                run_as_group: psc.run_as_group.map(|value| proto::Int64Value { value }),
+                readonly_rootfs: false,
+                supplemental_groups: psc
+                    .fs_group
+                    .into_iter()
+                    .chain(psc.supplemental_groups.iter().flatten().copied())
+                    .collect(),
+                privileged: any_privileged(&spec),
+                seccomp: Some(SecurityProfile {
+                    profile_type: ProfileType::RuntimeDefault as i32,
+                    localhost_ref: String::new(),
+                }),
+                apparmor: None,
+            }),
+            sysctls: psc
+                .sysctls
+                .iter()
+                .flatten()
+                .map(|s| (s.name.replace('/', "."), s.value.clone()))
+                .collect(),
+        }),
+    }
+}
+
+fn any_privileged(spec: &k8s_openapi::api::core::v1::PodSpec) -> bool {
+    let privileged = |sc: Option<&SecurityContext>| sc.and_then(|s| s.privileged).unwrap_or(false);
+    spec.containers.iter().any(|c| privileged(c.security_context.as_ref()))
+        || spec
+            .init_containers
+            .iter()
+            .flatten()
+            .any(|c| privileged(c.security_context.as_ref()))
+        || spec
+            .ephemeral_containers
+            .iter()
+            .flatten()
+            .any(|c| privileged(c.security_context.as_ref()))
+}

@@ -63,6 +63,7 @@ impl Case {
     }
     fn run(&self) -> Result<ContainerConfig, TranslateError> {
         let node = NodeDirs {
+            pod_logs: "/var/log/pods".into(),
             pods: "/var/lib/kubelet/pods".into(),
             seccomp: "/var/lib/kubelet/seccomp".into(),
         };
@@ -584,4 +585,26 @@ fn kubelet_hash_matches_its_own_test_vector() {
         kubelet::container_hash("test_container", "foo/image:v1"),
         0x8e45cbd0
     );
+}
+
+#[test]
+fn sandbox_config_like_the_kubelet() {
+    let p = pod(PodSpec::default());
+    let cfg = sandbox_config(&p, Path::new("/var/log/pods"), 0, "/kubepods/podx");
+    assert_eq!(cfg.hostname, "web");
+    assert_eq!(cfg.log_directory, "/var/log/pods/shop_web_uid-1");
+    assert_eq!(cfg.labels["tier"], "front");
+    assert_eq!(cfg.labels[kubelet::POD_UID_LABEL], "uid-1");
+    let linux = cfg.linux.unwrap();
+    assert_eq!(linux.cgroup_parent, "/kubepods/podx");
+    let ns = linux.security_context.unwrap().namespace_options.unwrap();
+    assert_eq!(ns.pid, NamespaceMode::Container as i32);
+
+    let host = pod(PodSpec {
+        host_network: Some(true),
+        ..Default::default()
+    });
+    let cfg = sandbox_config(&host, Path::new("/var/log/pods"), 1, "");
+    assert_eq!(cfg.hostname, "", "host network needs an empty hostname");
+    assert_eq!(cfg.metadata.unwrap().attempt, 1);
 }

@@ -1,0 +1,293 @@
+//! Images for ephemeral containers, as the kubelet's image manager handles
+//! them: the pull policy with the API defaults, the default `:latest` tag,
+//! the image reference grammar (`InvalidImageName`), and matching the pod's
+//! `imagePullSecrets` to a registry.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::EphemeralContainer;
+use serde::Deserialize;
+
+use crate::cri::proto::AuthConfig;
+
+/// `imagePullPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Pull on every start.
+    Always,
+    /// Pull only when the image is missing.
+    IfNotPresent,
+    /// Never pull; a missing image is `ErrImageNeverPull`.
+    Never,
+}
+
+/// The container's pull policy, or the API server's default when unset:
+/// `Always` for `:latest` or an image with neither tag nor digest, else
+/// `IfNotPresent`.
+pub fn pull_policy(c: &EphemeralContainer) -> PullPolicy {
+    match c.image_pull_policy.as_deref() {
+        Some("Always") => PullPolicy::Always,
+        Some("IfNotPresent") => PullPolicy::IfNotPresent,
+        Some("Never") => PullPolicy::Never,
+        _ => {
+            let image = c.image.as_deref().unwrap_or_default();
+            match parse(image) {
+                Ok(r) if r.digest.is_none() && matches!(r.tag, None | Some("latest")) => {
+                    PullPolicy::Always
+                }
+                _ => PullPolicy::IfNotPresent,
+            }
+        }
+    }
+}
+
+/// A parsed image reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference<'a> {
+    /// Registry host, if the first path component names one.
+    pub domain: Option<&'a str>,
+    /// Repository path without the domain.
+    pub path: &'a str,
+    /// Tag after `:`.
+    pub tag: Option<&'a str>,
+    /// Digest after `@`.
+    pub digest: Option<&'a str>,
+}
+
+/// Parses `[domain/]path[:tag][@digest]` by the distribution reference grammar.
+pub fn parse(image: &str) -> Result<Reference<'_>, String> {
+    if image.is_empty() {
+        return Err("repository name must have at least one component".into());
+    }
+    let (rest, digest) = match image.split_once('@') {
+        Some((r, d)) => {
+            let ok = d.split_once(':').is_some_and(|(alg, hex)| {
+                !alg.is_empty()
+                    && alg.chars().all(|c| c.is_ascii_alphanumeric() || "+._-".contains(c))
+                    && hex.len() >= 32
+                    && hex.chars().all(|c| c.is_ascii_hexdigit())
+            });
+            if !ok {
+                return Err("invalid reference format".into());
+            }
+            (r, Some(d))
+        }
+        None => (image, None),
+    };
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(t) = tag {
+        let ok = !t.is_empty()
+            && t.len() <= 128
+            && t.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            && t.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !ok {
+            return Err("invalid reference format".into());
+        }
+    }
+    let (domain, path) = match name.split_once('/') {
+        Some((first, rest))
+            if first.contains('.') || first.contains(':') || first == "localhost" =>
+        {
+            (Some(first), rest)
+        }
+        _ => (None, name),
+    };
+    if let Some(d) = domain {
+        let (host, port) = d.split_once(':').unwrap_or((d, ""));
+        let ok = !host.is_empty()
+            && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+            && port.chars().all(|c| c.is_ascii_digit());
+        if !ok {
+            return Err("invalid reference format".into());
+        }
+    }
+    for component in path.split('/') {
+        if !valid_path_component(component) {
+            return Err(if component.chars().any(|c| c.is_ascii_uppercase()) {
+                "invalid reference format: repository name must be lowercase".into()
+            } else {
+                "invalid reference format".into()
+            });
+        }
+    }
+    Ok(Reference {
+        domain,
+        path,
+        tag,
+        digest,
+    })
+}
+
+/// `[a-z0-9]+` groups joined by `.`, `_`, `__` or runs of `-`.
+fn valid_path_component(s: &str) -> bool {
+    let b = s.as_bytes();
+    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &s[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|c| c == b'-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// The kubelet's `applyDefaultImageTag`: `:latest` when there is neither tag
+/// nor digest. An unparsable name is the kubelet's `InvalidImageName`.
+pub fn with_default_tag(image: &str) -> Result<String, String> {
+    let r = parse(image)?;
+    if r.tag.is_none() && r.digest.is_none() {
+        Ok(format!("{image}:latest"))
+    } else {
+        Ok(image.to_string())
+    }
+}
+
+/// The registry an image comes from, as docker config keys name it.
+pub fn registry(image: &str) -> String {
+    match parse(image).ok().and_then(|r| r.domain) {
+        Some(d) if d != "docker.io" && d != "index.docker.io" => d.to_string(),
+        _ => "docker.io".to_string(),
+    }
+}
+
+/// The `auths` of a `.dockerconfigjson` (or the bare map of a `.dockercfg`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DockerConfig {
+    /// Registry key → credentials.
+    #[serde(default)]
+    pub auths: BTreeMap<String, DockerAuth>,
+}
+
+/// One registry's credentials.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DockerAuth {
+    /// User name.
+    #[serde(default)]
+    pub username: String,
+    /// Password.
+    #[serde(default)]
+    pub password: String,
+    /// base64 of `user:password`.
+    #[serde(default)]
+    pub auth: String,
+    /// Identity token.
+    #[serde(default, rename = "identitytoken")]
+    pub identity_token: String,
+    /// Registry token.
+    #[serde(default, rename = "registrytoken")]
+    pub registry_token: String,
+}
+
+/// Credentials from the pull secrets that match the image's registry, in
+/// secret order; the kubelet tries them one after the other.
+pub fn credentials_for(image: &str, configs: &[DockerConfig]) -> Vec<AuthConfig> {
+    let want = registry(image);
+    let normalise = |key: &str| -> String {
+        let k = key
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        let host = k.split('/').next().unwrap_or(k);
+        match host {
+            "index.docker.io" | "registry-1.docker.io" | "docker.io" => "docker.io".into(),
+            h => h.to_string(),
+        }
+    };
+    configs
+        .iter()
+        .flat_map(|c| c.auths.iter())
+        .filter(|(key, _)| normalise(key) == want)
+        .map(|(key, a)| AuthConfig {
+            username: a.username.clone(),
+            password: a.password.clone(),
+            auth: a.auth.clone(),
+            server_address: key.clone(),
+            identity_token: a.identity_token.clone(),
+            registry_token: a.registry_token.clone(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container(image: &str, policy: Option<&str>) -> EphemeralContainer {
+        EphemeralContainer {
+            name: "dbg".into(),
+            image: Some(image.into()),
+            image_pull_policy: policy.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pull_policy_defaults_like_the_api_server() {
+        let digest = "busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let table = [
+            ("busybox", None, PullPolicy::Always),
+            ("busybox:latest", None, PullPolicy::Always),
+            ("busybox:1.36", None, PullPolicy::IfNotPresent),
+            (digest, None, PullPolicy::IfNotPresent),
+            ("registry:5000/team/tool", None, PullPolicy::Always),
+            ("registry:5000/team/tool:v2", None, PullPolicy::IfNotPresent),
+            ("busybox", Some("Never"), PullPolicy::Never),
+            ("busybox:1.36", Some("Always"), PullPolicy::Always),
+        ];
+        for (image, policy, want) in table {
+            assert_eq!(pull_policy(&container(image, policy)), want, "{image} {policy:?}");
+        }
+    }
+
+    #[test]
+    fn default_tag_and_invalid_names() {
+        assert_eq!(with_default_tag("busybox").unwrap(), "busybox:latest");
+        assert_eq!(with_default_tag("a/b:1").unwrap(), "a/b:1");
+        assert_eq!(with_default_tag("localhost:5000/x").unwrap(), "localhost:5000/x:latest");
+        for bad in ["", "Busybox", "bad name", "x::y", "a//b", "x:", "-x", "x@sha256:zz"] {
+            assert!(with_default_tag(bad).is_err(), "{bad:?} should be invalid");
+        }
+    }
+
+    #[test]
+    fn parse_splits_domain_path_tag() {
+        let r = parse("ephemerald.local/busybox:1.35").unwrap();
+        assert_eq!(r.domain, Some("ephemerald.local"));
+        assert_eq!(r.path, "busybox");
+        assert_eq!(r.tag, Some("1.35"));
+        let r = parse("library/busybox").unwrap();
+        assert_eq!((r.domain, r.path, r.tag), (None, "library/busybox", None));
+    }
+
+    #[test]
+    fn pull_secrets_match_by_registry() {
+        let cfg: DockerConfig = serde_json::from_str(
+            r#"{"auths":{
+                "https://index.docker.io/v1/":{"auth":"dXNlcjpwdw=="},
+                "quay.io":{"username":"u","password":"p"}}}"#,
+        )
+        .unwrap();
+        let hub = credentials_for("busybox", std::slice::from_ref(&cfg));
+        assert_eq!(hub.len(), 1);
+        assert_eq!(hub[0].auth, "dXNlcjpwdw==");
+        let quay = credentials_for("quay.io/org/tool:1", std::slice::from_ref(&cfg));
+        assert_eq!((quay[0].username.as_str(), quay[0].server_address.as_str()), ("u", "quay.io"));
+        assert!(credentials_for("ghcr.io/x/y", &[cfg]).is_empty());
+    }
+}
