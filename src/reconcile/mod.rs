@@ -5,4 +5,6 @@
 pub mod execute;
 pub mod image;
 pub mod observe;
+pub mod plan;
+pub mod status;
 pub mod translate;

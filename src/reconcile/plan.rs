@@ -1,0 +1,315 @@
+//! Pure planning: from the pod's spec, its API status and what the runtime
+//! holds, decide which ephemeral containers to start now. No I/O, no clock.
+//!
+//! The rules are the kubelet's (`computePodActions`):
+//! - a container is started iff the runtime holds no container of this pod
+//!   with its name — created, running or exited all count as started, and
+//!   nothing is ever restarted;
+//! - nothing starts in a pass that finds the sandbox missing or not ready;
+//! - init containers do not block ephemeral containers;
+//! - with `targetContainerName`, the target's newest runtime container is the
+//!   PID target; no target container yet is `CreateContainerConfigError`.
+//!
+//! One rule is ours: a container the API status shows as having run (it has a
+//! containerID) is never started again even if the runtime lost it, because
+//! the API server refuses to move a terminated container back.
+
+use std::collections::{BTreeMap, HashSet};
+
+use k8s_openapi::api::core::v1::Pod;
+
+use super::execute::reason;
+use super::observe::Observed;
+
+/// What to do for one ephemeral container in this pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start it, in the PID namespace of `target_id` when set.
+    Start {
+        /// Container name.
+        name: String,
+        /// Runtime id of the target container.
+        target_id: Option<String>,
+    },
+    /// It cannot start now; report this waiting reason (and retry later).
+    Fail {
+        /// Container name.
+        name: String,
+        /// Waiting reason.
+        reason: &'static str,
+        /// Message.
+        message: String,
+    },
+}
+
+/// The plan for one pod.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// False when the newest sandbox is missing or not ready: nothing starts.
+    pub sandbox_ready: bool,
+    /// Actions in spec order.
+    pub actions: Vec<Action>,
+}
+
+/// Inputs of [`plan`] besides the pod and the runtime's view.
+#[derive(Debug, Clone, Default)]
+pub struct Gates {
+    /// Containers whose last failure is still backing off.
+    pub backing_off: HashSet<String>,
+    /// Containers refused outright (forbidden fields, mirror pod), with the
+    /// message; they never start.
+    pub refused: BTreeMap<String, String>,
+}
+
+/// Decides what to start.
+pub fn plan(pod: &Pod, observed: &Observed, gates: &Gates) -> Plan {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Plan::default();
+    };
+    let ecs = spec.ephemeral_containers.as_deref().unwrap_or_default();
+    if ecs.is_empty() {
+        return Plan {
+            sandbox_ready: observed.ready_sandbox().is_some(),
+            actions: vec![],
+        };
+    }
+    if observed.ready_sandbox().is_none() {
+        return Plan {
+            sandbox_ready: false,
+            actions: vec![],
+        };
+    }
+    let ran_per_api: HashSet<&str> = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.ephemeral_container_statuses.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .filter(|s| s.container_id.as_deref().is_some_and(|id| !id.is_empty()))
+        .map(|s| s.name.as_str())
+        .collect();
+
+    let mut actions = Vec::new();
+    for c in ecs {
+        let name = c.name.as_str();
+        if observed.newest(name).is_some() || ran_per_api.contains(name) {
+            continue;
+        }
+        if let Some(message) = gates.refused.get(name) {
+            actions.push(Action::Fail {
+                name: name.into(),
+                reason: reason::CREATE_CONTAINER_CONFIG,
+                message: message.clone(),
+            });
+            continue;
+        }
+        if gates.backing_off.contains(name) {
+            continue;
+        }
+        let target = c.target_container_name.as_deref().filter(|t| !t.is_empty());
+        match target {
+            None => actions.push(Action::Start {
+                name: name.into(),
+                target_id: None,
+            }),
+            Some(t) => match observed.newest(t) {
+                Some(found) => actions.push(Action::Start {
+                    name: name.into(),
+                    target_id: Some(found.id.clone()),
+                }),
+                None => actions.push(Action::Fail {
+                    name: name.into(),
+                    reason: reason::CREATE_CONTAINER_CONFIG,
+                    message: format!("unable to find target container {t}"),
+                }),
+            },
+        }
+    }
+    Plan {
+        sandbox_ready: true,
+        actions,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::observe::{Container, Sandbox, State};
+    use k8s_openapi::api::core::v1::{
+        ContainerStatus, EphemeralContainer, PodSpec, PodStatus,
+    };
+
+    fn ec(name: &str, target: Option<&str>) -> EphemeralContainer {
+        EphemeralContainer {
+            name: name.into(),
+            image: Some("busybox".into()),
+            target_container_name: target.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    fn pod(ecs: Vec<EphemeralContainer>) -> Pod {
+        Pod {
+            spec: Some(PodSpec {
+                ephemeral_containers: Some(ecs),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn sandbox(ready: bool) -> Sandbox {
+        Sandbox {
+            id: "sb".into(),
+            attempt: 0,
+            ready,
+            created_at: 1,
+        }
+    }
+
+    fn ctr(name: &str, id: &str, state: State, created_at: i64) -> Container {
+        Container {
+            id: id.into(),
+            name: name.into(),
+            state,
+            created_at,
+            ..Default::default()
+        }
+    }
+
+    fn observed(ready: bool, containers: Vec<Container>) -> Observed {
+        let mut containers = containers;
+        containers.sort_by_key(|c| std::cmp::Reverse(c.created_at));
+        Observed {
+            sandboxes: vec![sandbox(ready)],
+            containers,
+        }
+    }
+
+    fn run(p: &Pod, o: &Observed) -> Plan {
+        plan(p, o, &Gates::default())
+    }
+
+    fn start(name: &str, target: Option<&str>) -> Action {
+        Action::Start {
+            name: name.into(),
+            target_id: target.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn new_container_with_target_starts_in_the_targets_namespace() {
+        let o = observed(true, vec![ctr("app", "app-1", State::Running, 1)]);
+        let p = run(&pod(vec![ec("dbg", Some("app"))]), &o);
+        assert_eq!(p.actions, [start("dbg", Some("app-1"))]);
+    }
+
+    #[test]
+    fn target_is_the_newest_instance() {
+        let o = observed(
+            true,
+            vec![
+                ctr("app", "app-old", State::Exited, 1),
+                ctr("app", "app-new", State::Running, 5),
+            ],
+        );
+        let p = run(&pod(vec![ec("dbg", Some("app"))]), &o);
+        assert_eq!(p.actions, [start("dbg", Some("app-new"))]);
+    }
+
+    #[test]
+    fn exited_do_not_restart() {
+        for state in [State::Created, State::Running, State::Exited, State::Unknown] {
+            let o = observed(true, vec![ctr("dbg", "d1", state, 2)]);
+            assert!(run(&pod(vec![ec("dbg", None)]), &o).actions.is_empty(), "{state:?}");
+        }
+    }
+
+    #[test]
+    fn exited_in_an_older_sandbox_still_counts() {
+        let mut o = observed(true, vec![ctr("dbg", "d1", State::Exited, 2)]);
+        o.containers[0].sandbox_id = "old-sandbox".into();
+        assert!(run(&pod(vec![ec("dbg", None)]), &o).actions.is_empty());
+    }
+
+    #[test]
+    fn sandbox_not_ready_starts_nothing() {
+        let o = observed(false, vec![]);
+        let p = run(&pod(vec![ec("dbg", None)]), &o);
+        assert!(!p.sandbox_ready);
+        assert!(p.actions.is_empty());
+        let none = Observed::default();
+        assert!(run(&pod(vec![ec("dbg", None)]), &none).actions.is_empty());
+    }
+
+    #[test]
+    fn init_running_start_anyway() {
+        let o = observed(true, vec![ctr("init", "i1", State::Running, 1)]);
+        let mut p = pod(vec![ec("dbg", None)]);
+        p.spec.as_mut().unwrap().init_containers = Some(vec![Default::default()]);
+        assert_eq!(run(&p, &o).actions, [start("dbg", None)]);
+    }
+
+    #[test]
+    fn missing_target_is_a_config_error() {
+        let o = observed(true, vec![]);
+        let p = run(&pod(vec![ec("dbg", Some("app"))]), &o);
+        assert_eq!(
+            p.actions,
+            [Action::Fail {
+                name: "dbg".into(),
+                reason: "CreateContainerConfigError",
+                message: "unable to find target container app".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn one_failing_container_blocks_no_other() {
+        let o = observed(true, vec![]);
+        let p = run(&pod(vec![ec("a", Some("nope")), ec("b", None)]), &o);
+        assert!(matches!(p.actions[0], Action::Fail { .. }));
+        assert_eq!(p.actions[1], start("b", None));
+    }
+
+    #[test]
+    fn backing_off_and_refused_are_gated() {
+        let o = observed(true, vec![]);
+        let backing_off = HashSet::from(["a".to_string()]);
+        let refused = BTreeMap::from([("b".to_string(), "ports: Forbidden".to_string())]);
+        let p = plan(
+            &pod(vec![ec("a", None), ec("b", None), ec("c", None)]),
+            &o,
+            &Gates {
+                backing_off,
+                refused,
+            },
+        );
+        assert_eq!(
+            p.actions,
+            [
+                Action::Fail {
+                    name: "b".into(),
+                    reason: "CreateContainerConfigError",
+                    message: "ports: Forbidden".into()
+                },
+                start("c", None)
+            ]
+        );
+    }
+
+    #[test]
+    fn api_status_that_ran_is_never_restarted_even_if_the_runtime_lost_it() {
+        let o = observed(true, vec![]);
+        let mut p = pod(vec![ec("dbg", None)]);
+        p.status = Some(PodStatus {
+            ephemeral_container_statuses: Some(vec![ContainerStatus {
+                name: "dbg".into(),
+                container_id: Some("containerd://gone".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        assert!(run(&p, &o).actions.is_empty());
+    }
+}
