@@ -1,2 +1,4 @@
 //! Real parts for the demo and the tests: a containerd started as a child, locally built images,
 //! a pod runner and a local API server. Nothing here is used by `ephemerald run`.
+pub mod containerd;
+pub mod images;
