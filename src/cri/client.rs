@@ -91,7 +91,7 @@ impl CriClient {
 }
 
 /// `unix:///run/containerd/containerd.sock` → `/run/containerd/containerd.sock`.
-pub(crate) fn socket_path(endpoint: &str) -> Result<PathBuf, CriError> {
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, CriError> {
     match endpoint.strip_prefix("unix://") {
         Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
         _ => Err(CriError::Endpoint(endpoint.to_string())),

@@ -2,3 +2,4 @@
 //! a pod runner and a local API server. Nothing here is used by `ephemerald run`.
 pub mod containerd;
 pub mod images;
+pub mod pod_runner;
