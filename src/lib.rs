@@ -8,3 +8,4 @@ pub mod k8s;
 pub mod kubelet;
 pub mod reconcile;
 pub mod testbed;
+pub mod validation;
