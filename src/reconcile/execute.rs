@@ -233,7 +233,11 @@ async fn adopt(
             Ok(Started::Adopted { id: existing.id })
         }
         // Reserved but not listed yet: the other creator is mid-way. Look again later.
-        None => Err(StartFailure::new(reason::CREATE_CONTAINER, err.message(), true)),
+        None => Err(StartFailure::new(
+            reason::CREATE_CONTAINER,
+            err.message(),
+            true,
+        )),
     }
 }
 
@@ -287,8 +291,9 @@ async fn ensure_image(
                 return Ok(resolved(img));
             }
             (None, PullPolicy::Never) => {
-                let msg =
-                    format!("Container image {requested:?} is not present with pull policy of Never");
+                let msg = format!(
+                    "Container image {requested:?} is not present with pull policy of Never"
+                );
                 event(EventType::Warning, "ErrImageNeverPull", msg.clone());
                 return Err(StartFailure::new(reason::ERR_IMAGE_NEVER_PULL, msg, true));
             }

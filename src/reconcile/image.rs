@@ -63,7 +63,9 @@ pub fn parse(image: &str) -> Result<Reference<'_>, String> {
         Some((r, d)) => {
             let ok = d.split_once(':').is_some_and(|(alg, hex)| {
                 !alg.is_empty()
-                    && alg.chars().all(|c| c.is_ascii_alphanumeric() || "+._-".contains(c))
+                    && alg
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+._-".contains(c))
                     && hex.len() >= 32
                     && hex.chars().all(|c| c.is_ascii_hexdigit())
             });
@@ -82,8 +84,11 @@ pub fn parse(image: &str) -> Result<Reference<'_>, String> {
     if let Some(t) = tag {
         let ok = !t.is_empty()
             && t.len() <= 128
-            && t.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-            && t.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            && t.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
         if !ok {
             return Err("invalid reference format".into());
         }
@@ -99,7 +104,9 @@ pub fn parse(image: &str) -> Result<Reference<'_>, String> {
     if let Some(d) = domain {
         let (host, port) = d.split_once(':').unwrap_or((d, ""));
         let ok = !host.is_empty()
-            && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
             && port.chars().all(|c| c.is_ascii_digit());
         if !ok {
             return Err("invalid reference format".into());
@@ -239,7 +246,8 @@ mod tests {
 
     #[test]
     fn pull_policy_defaults_like_the_api_server() {
-        let digest = "busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let digest =
+            "busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
         let table = [
             ("busybox", None, PullPolicy::Always),
             ("busybox:latest", None, PullPolicy::Always),
@@ -251,7 +259,11 @@ mod tests {
             ("busybox:1.36", Some("Always"), PullPolicy::Always),
         ];
         for (image, policy, want) in table {
-            assert_eq!(pull_policy(&container(image, policy)), want, "{image} {policy:?}");
+            assert_eq!(
+                pull_policy(&container(image, policy)),
+                want,
+                "{image} {policy:?}"
+            );
         }
     }
 
@@ -259,8 +271,20 @@ mod tests {
     fn default_tag_and_invalid_names() {
         assert_eq!(with_default_tag("busybox").unwrap(), "busybox:latest");
         assert_eq!(with_default_tag("a/b:1").unwrap(), "a/b:1");
-        assert_eq!(with_default_tag("localhost:5000/x").unwrap(), "localhost:5000/x:latest");
-        for bad in ["", "Busybox", "bad name", "x::y", "a//b", "x:", "-x", "x@sha256:zz"] {
+        assert_eq!(
+            with_default_tag("localhost:5000/x").unwrap(),
+            "localhost:5000/x:latest"
+        );
+        for bad in [
+            "",
+            "Busybox",
+            "bad name",
+            "x::y",
+            "a//b",
+            "x:",
+            "-x",
+            "x@sha256:zz",
+        ] {
             assert!(with_default_tag(bad).is_err(), "{bad:?} should be invalid");
         }
     }
@@ -287,7 +311,10 @@ mod tests {
         assert_eq!(hub.len(), 1);
         assert_eq!(hub[0].auth, "dXNlcjpwdw==");
         let quay = credentials_for("quay.io/org/tool:1", std::slice::from_ref(&cfg));
-        assert_eq!((quay[0].username.as_str(), quay[0].server_address.as_str()), ("u", "quay.io"));
+        assert_eq!(
+            (quay[0].username.as_str(), quay[0].server_address.as_str()),
+            ("u", "quay.io")
+        );
         assert!(credentials_for("ghcr.io/x/y", &[cfg]).is_empty());
     }
 }

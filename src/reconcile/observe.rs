@@ -154,7 +154,11 @@ pub async fn observe(
             attempt: c.metadata.as_ref().map_or(0, |m| m.attempt),
             state: State::from_cri(c.state),
             created_at: c.created_at,
-            image: c.image.as_ref().map(|i| i.image.clone()).unwrap_or_default(),
+            image: c
+                .image
+                .as_ref()
+                .map(|i| i.image.clone())
+                .unwrap_or_default(),
             image_ref: c.image_ref.clone(),
             name,
             ..Default::default()
@@ -168,7 +172,11 @@ pub async fn observe(
                         info.finished_at = s.finished_at;
                         info.exit_code = s.exit_code;
                         info.reason = s.reason.clone();
-                        info.image = s.image.as_ref().map(|i| i.image.clone()).unwrap_or(info.image);
+                        info.image = s
+                            .image
+                            .as_ref()
+                            .map(|i| i.image.clone())
+                            .unwrap_or(info.image);
                         info.image_ref = s.image_ref.clone();
                         info.message = s.message.clone();
                         info.detailed = true;
@@ -248,21 +256,27 @@ fn read_tail(path: &Path, max: u64) -> std::io::Result<String> {
 pub fn log_tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     let start = lines.len().saturating_sub(FALLBACK_LOG_LINES);
-    let mut out = String::new();
-    for line in &lines[start..] {
-        let mut parts = line.splitn(4, ' ');
-        let (_, _, tag, msg) = (parts.next(), parts.next(), parts.next(), parts.next());
-        out.push_str(msg.unwrap_or_default());
-        if tag != Some("P") {
-            out.push('\n');
-        }
-    }
+    let mut out = cri_log_messages(&lines[start..].join("\n"));
     if out.len() > FALLBACK_LOG_BYTES {
         let mut cut = out.len() - FALLBACK_LOG_BYTES;
         while !out.is_char_boundary(cut) {
             cut += 1;
         }
         out = out[cut..].to_string();
+    }
+    out
+}
+
+/// The messages of a CRI log file, partial lines (`P`) joined.
+pub fn cri_log_messages(log: &str) -> String {
+    let mut out = String::new();
+    for line in log.lines() {
+        let mut parts = line.splitn(4, ' ');
+        let (_, _, tag, msg) = (parts.next(), parts.next(), parts.next(), parts.next());
+        out.push_str(msg.unwrap_or_default());
+        if tag != Some("P") {
+            out.push('\n');
+        }
     }
     out
 }
@@ -299,6 +313,9 @@ mod tests {
             sandboxes: vec![sb("new", false, 2), sb("old", true, 1)],
             containers: vec![],
         };
-        assert!(o.ready_sandbox().is_none(), "an older ready sandbox does not count");
+        assert!(
+            o.ready_sandbox().is_none(),
+            "an older ready sandbox does not count"
+        );
     }
 }

@@ -135,9 +135,7 @@ pub fn plan(pod: &Pod, observed: &Observed, gates: &Gates) -> Plan {
 mod tests {
     use super::*;
     use crate::reconcile::observe::{Container, Sandbox, State};
-    use k8s_openapi::api::core::v1::{
-        ContainerStatus, EphemeralContainer, PodSpec, PodStatus,
-    };
+    use k8s_openapi::api::core::v1::{ContainerStatus, EphemeralContainer, PodSpec, PodStatus};
 
     fn ec(name: &str, target: Option<&str>) -> EphemeralContainer {
         EphemeralContainer {
@@ -219,9 +217,17 @@ mod tests {
 
     #[test]
     fn exited_do_not_restart() {
-        for state in [State::Created, State::Running, State::Exited, State::Unknown] {
+        for state in [
+            State::Created,
+            State::Running,
+            State::Exited,
+            State::Unknown,
+        ] {
             let o = observed(true, vec![ctr("dbg", "d1", state, 2)]);
-            assert!(run(&pod(vec![ec("dbg", None)]), &o).actions.is_empty(), "{state:?}");
+            assert!(
+                run(&pod(vec![ec("dbg", None)]), &o).actions.is_empty(),
+                "{state:?}"
+            );
         }
     }
 

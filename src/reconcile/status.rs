@@ -66,7 +66,11 @@ pub fn ephemeral_statuses(
                 ready: false,
                 restart_count: 0,
                 state: Some(waiting(
-                    if has_init { "PodInitializing" } else { "ContainerCreating" },
+                    if has_init {
+                        "PodInitializing"
+                    } else {
+                        "ContainerCreating"
+                    },
                     None,
                 )),
                 ..Default::default()
@@ -263,7 +267,10 @@ mod tests {
         assert_eq!(waiting_reason(&s[0]), Some("ContainerCreating"));
         assert!(!s[0].ready);
         assert_eq!(s[0].restart_count, 0);
-        assert!(s[0].started.is_none(), "ephemeral statuses carry no `started`");
+        assert!(
+            s[0].started.is_none(),
+            "ephemeral statuses carry no `started`"
+        );
 
         let mut p = pod(&["dbg"]);
         p.spec.as_mut().unwrap().init_containers = Some(vec![Default::default()]);
@@ -273,7 +280,11 @@ mod tests {
 
     #[test]
     fn running_has_container_id_and_started_at() {
-        let s = status(&pod(&["dbg"]), &observed(vec![rc("dbg", State::Running)]), &BTreeMap::new());
+        let s = status(
+            &pod(&["dbg"]),
+            &observed(vec![rc("dbg", State::Running)]),
+            &BTreeMap::new(),
+        );
         assert_eq!(s[0].container_id.as_deref(), Some("containerd://dbg-id"));
         let running = s[0].state.as_ref().unwrap().running.as_ref().unwrap();
         assert_eq!(running.started_at, time(11 * SEC));
@@ -283,7 +294,11 @@ mod tests {
 
     #[test]
     fn exited_is_terminated_with_code_reason_and_times() {
-        let s = status(&pod(&["dbg"]), &observed(vec![rc("dbg", State::Exited)]), &BTreeMap::new());
+        let s = status(
+            &pod(&["dbg"]),
+            &observed(vec![rc("dbg", State::Exited)]),
+            &BTreeMap::new(),
+        );
         let t = s[0].state.as_ref().unwrap().terminated.as_ref().unwrap();
         assert_eq!(t.exit_code, 3);
         assert_eq!(t.reason.as_deref(), Some("Error"));
@@ -320,15 +335,28 @@ mod tests {
         let s = status(&pod(&["dbg"]), &observed(vec![]), &f);
         let w = s[0].state.as_ref().unwrap().waiting.as_ref().unwrap();
         assert_eq!(w.reason.as_deref(), Some("ErrImageNeverPull"));
-        assert!(w.message.as_deref().unwrap().contains("pull policy of Never"));
-        let s = status(&pod(&["dbg"]), &observed(vec![rc("dbg", State::Running)]), &f);
+        assert!(
+            w.message
+                .as_deref()
+                .unwrap()
+                .contains("pull policy of Never")
+        );
+        let s = status(
+            &pod(&["dbg"]),
+            &observed(vec![rc("dbg", State::Running)]),
+            &f,
+        );
         assert!(s[0].state.as_ref().unwrap().running.is_some());
     }
 
     #[test]
     fn terminated_is_never_moved_back() {
         let mut p = pod(&["dbg"]);
-        let old = status(&p, &observed(vec![rc("dbg", State::Exited)]), &BTreeMap::new());
+        let old = status(
+            &p,
+            &observed(vec![rc("dbg", State::Exited)]),
+            &BTreeMap::new(),
+        );
         p.status = Some(PodStatus {
             ephemeral_container_statuses: Some(old.clone()),
             ..Default::default()
@@ -344,19 +372,30 @@ mod tests {
     #[test]
     fn running_then_lost_becomes_terminated_unknown() {
         let mut p = pod(&["dbg"]);
-        let old = status(&p, &observed(vec![rc("dbg", State::Running)]), &BTreeMap::new());
+        let old = status(
+            &p,
+            &observed(vec![rc("dbg", State::Running)]),
+            &BTreeMap::new(),
+        );
         p.status = Some(PodStatus {
             ephemeral_container_statuses: Some(old),
             ..Default::default()
         });
         let s = status(&p, &observed(vec![]), &BTreeMap::new());
         let t = s[0].state.as_ref().unwrap().terminated.as_ref().unwrap();
-        assert_eq!((t.exit_code, t.reason.as_deref()), (137, Some("ContainerStatusUnknown")));
+        assert_eq!(
+            (t.exit_code, t.reason.as_deref()),
+            (137, Some("ContainerStatusUnknown"))
+        );
     }
 
     #[test]
     fn sorted_by_name_and_whole() {
-        let s = status(&pod(&["zeta", "alpha", "mid"]), &observed(vec![]), &BTreeMap::new());
+        let s = status(
+            &pod(&["zeta", "alpha", "mid"]),
+            &observed(vec![]),
+            &BTreeMap::new(),
+        );
         let names: Vec<_> = s.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["alpha", "mid", "zeta"]);
     }
@@ -364,7 +403,11 @@ mod tests {
     #[test]
     fn changed_only_when_different() {
         let mut p = pod(&["dbg"]);
-        let s = status(&p, &observed(vec![rc("dbg", State::Running)]), &BTreeMap::new());
+        let s = status(
+            &p,
+            &observed(vec![rc("dbg", State::Running)]),
+            &BTreeMap::new(),
+        );
         assert!(changed(&p, &s));
         p.status = Some(PodStatus {
             ephemeral_container_statuses: Some(s.clone()),

@@ -695,7 +695,9 @@ pub fn sandbox_config(
 
 fn any_privileged(spec: &k8s_openapi::api::core::v1::PodSpec) -> bool {
     let privileged = |sc: Option<&SecurityContext>| sc.and_then(|s| s.privileged).unwrap_or(false);
-    spec.containers.iter().any(|c| privileged(c.security_context.as_ref()))
+    spec.containers
+        .iter()
+        .any(|c| privileged(c.security_context.as_ref()))
         || spec
             .init_containers
             .iter()

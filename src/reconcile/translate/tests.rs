@@ -444,7 +444,8 @@ fn run_as_non_root_is_enforced_with_the_kubelets_messages() {
         ..Default::default()
     };
     // (runAsUser, image uid, image username) -> error prefix, or None when allowed
-    let table: [(Option<i64>, Option<i64>, &str, Option<&str>); 5] = [
+    type Row = (Option<i64>, Option<i64>, &'static str, Option<&'static str>);
+    let table: [Row; 5] = [
         (
             Some(0),
             None,

@@ -1,0 +1,171 @@
+//! Shared helpers of the integration tests: a real containerd testbed with a
+//! pod runner, pods built like the API server would store them, and polling
+//! with deadlines (no sleeps as synchronisation).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ephemerald::cri::{CriClient, Runtime};
+use ephemerald::reconcile::translate::NodeDirs;
+use ephemerald::testbed::containerd::{Containerd, ContainerdOpts};
+use ephemerald::testbed::pod_runner::PodRunner;
+use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// A running containerd with the project's images, and a pod runner on it.
+pub struct Bed {
+    pub containerd: Containerd,
+    pub cri: Arc<CriClient>,
+    pub runner: PodRunner,
+    pub dirs: NodeDirs,
+}
+
+impl Bed {
+    /// Starts a fresh testbed. Panics (fails the test) when containerd cannot
+    /// start: these tests never skip.
+    pub async fn start(prefix: &str) -> Bed {
+        let containerd = Containerd::start(ContainerdOpts::unique(prefix))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "containerd testbed did not start (run scripts/install-deps.sh as root): {e}"
+                )
+            });
+        let cri = Arc::new(
+            containerd
+                .client()
+                .expect("CRI client")
+                .with_timeout(Duration::from_secs(30)),
+        );
+        let dirs = NodeDirs {
+            pod_logs: containerd.pod_logs_dir(),
+            pods: containerd.pods_dir(),
+            seccomp: containerd.dir().join("seccomp"),
+        };
+        let runner = PodRunner::new(
+            cri.clone() as Arc<dyn Runtime>,
+            dirs.clone(),
+            containerd.cgroup_parent_root(),
+        );
+        Bed {
+            containerd,
+            cri,
+            runner,
+            dirs,
+        }
+    }
+
+    /// Tears down and asserts it worked.
+    pub async fn stop(self) {
+        self.containerd.teardown().await.expect("clean teardown");
+    }
+}
+
+/// A pod as the API server would store it, bound to `node-a`, running the
+/// shell-less app image as container `app` on the host network.
+pub fn app_pod(name: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            uid: Some(format!("{name}-{}", std::process::id())),
+            labels: Some(BTreeMap::from([("app".into(), name.into())])),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some("node-a".into()),
+            host_network: Some(true),
+            termination_grace_period_seconds: Some(1),
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some(ephemerald::testbed::images::APP_IMAGE.into()),
+                image_pull_policy: Some("Never".into()),
+                termination_message_path: Some("/dev/termination-log".into()),
+                termination_message_policy: Some("File".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// A busybox ephemeral container running `sh -c SCRIPT`.
+pub fn debug_container(name: &str, target: Option<&str>, script: &str) -> EphemeralContainer {
+    EphemeralContainer {
+        name: name.into(),
+        image: Some(ephemerald::testbed::images::BUSYBOX_IMAGE.into()),
+        image_pull_policy: Some("Never".into()),
+        command: Some(vec!["sh".into(), "-c".into(), script.into()]),
+        target_container_name: target.map(Into::into),
+        termination_message_path: Some("/dev/termination-log".into()),
+        termination_message_policy: Some("File".into()),
+        ..Default::default()
+    }
+}
+
+/// Polls `f` until it returns `Some`, failing the test after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The host PID of a running container (containerd's verbose info).
+pub async fn host_pid(rt: &dyn Runtime, id: &str) -> u32 {
+    let resp = rt
+        .container_status(id, true)
+        .await
+        .expect("ContainerStatus");
+    let info: serde_json::Value =
+        serde_json::from_str(resp.info.get("info").expect("verbose info")).expect("info json");
+    info["pid"].as_u64().expect("pid in verbose info") as u32
+}
+
+/// The OCI runtime spec containerd generated for a container.
+pub async fn runtime_spec(rt: &dyn Runtime, id: &str) -> serde_json::Value {
+    let resp = rt
+        .container_status(id, true)
+        .await
+        .expect("ContainerStatus");
+    let info: serde_json::Value =
+        serde_json::from_str(resp.info.get("info").expect("verbose info")).expect("info json");
+    info["runtimeSpec"].clone()
+}
+
+/// The PID namespace link of a host process, e.g. `pid:[4026532201]`.
+pub fn pid_ns(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+        .unwrap_or_else(|e| panic!("readlink /proc/{pid}/ns/pid: {e}"))
+        .display()
+        .to_string()
+}
+
+/// The text of a kubelet-style CRI log file (message parts only).
+pub fn log_text(path: &PathBuf) -> Option<String> {
+    let raw = std::fs::read_to_string(path).ok()?;
+    Some(ephemerald::reconcile::observe::cri_log_messages(&raw))
+}
+
+/// Median of a list of durations.
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
