@@ -81,7 +81,11 @@ pub struct RunArgs {
     pub containerd_socket: String,
 
     /// containerd namespace of the CRI's containers.
-    #[arg(long, env = "EPHEMERALD_CONTAINERD_NAMESPACE", default_value = "k8s.io")]
+    #[arg(
+        long,
+        env = "EPHEMERALD_CONTAINERD_NAMESPACE",
+        default_value = "k8s.io"
+    )]
     pub containerd_namespace: String,
 
     /// Root of the pod log directories (the kubelet's --pod-logs-dir).
@@ -89,7 +93,11 @@ pub struct RunArgs {
     pub pod_logs_dir: PathBuf,
 
     /// The kubelet's root directory (pods/ and seccomp/ live under it).
-    #[arg(long, env = "EPHEMERALD_KUBELET_ROOT_DIR", default_value = "/var/lib/kubelet")]
+    #[arg(
+        long,
+        env = "EPHEMERALD_KUBELET_ROOT_DIR",
+        default_value = "/var/lib/kubelet"
+    )]
     pub kubelet_root_dir: PathBuf,
 
     /// How often every pod with ephemeral containers is reconciled even
@@ -122,7 +130,12 @@ pub struct RunArgs {
     pub shutdown_timeout: Duration,
 
     /// Log format.
-    #[arg(long, env = "EPHEMERALD_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "EPHEMERALD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -233,7 +246,10 @@ impl RunArgs {
             }
         }
         if self.backoff_max < self.backoff_initial {
-            return Err(invalid("backoff-max", "must not be less than --backoff-initial"));
+            return Err(invalid(
+                "backoff-max",
+                "must not be less than --backoff-initial",
+            ));
         }
         let health_addr = if self.health_addr.is_empty() {
             None
@@ -326,7 +342,10 @@ mod tests {
 
     #[test]
     fn defaults_validate() {
-        let c = args(&["--node-name", "node-a"]).unwrap().validate().unwrap();
+        let c = args(&["--node-name", "node-a"])
+            .unwrap()
+            .validate()
+            .unwrap();
         assert_eq!(c.mode, Mode::Auto);
         assert_eq!(c.cri_endpoint, "unix:///run/containerd/containerd.sock");
         assert_eq!(c.dirs.pods, PathBuf::from("/var/lib/kubelet/pods"));
@@ -338,9 +357,15 @@ mod tests {
         let table: [(&[&str], &str); 5] = [
             (&["--node-name", ""], "node-name"),
             (&["--node-name", "Node_A"], "node-name"),
-            (&["--node-name", "n", "--cri-endpoint", "/run/x.sock"], "cri-endpoint"),
+            (
+                &["--node-name", "n", "--cri-endpoint", "/run/x.sock"],
+                "cri-endpoint",
+            ),
             (&["--node-name", "n", "--resync", "0s"], "resync"),
-            (&["--node-name", "n", "--health-addr", "nope"], "health-addr"),
+            (
+                &["--node-name", "n", "--health-addr", "nope"],
+                "health-addr",
+            ),
         ];
         for (argv, flag) in table {
             let err = args(argv).unwrap().validate().unwrap_err();

@@ -94,8 +94,17 @@ async fn stream_once(sources: &Sources, tx: &mpsc::Sender<Exit>) -> Result<Sourc
             tracing::info!("exit events: CRI GetContainerEvents");
             while let Some(item) = stream.next().await {
                 match item {
-                    Ok(ev) if ev.container_event_type == ContainerEventType::ContainerStoppedEvent as i32 => {
-                        if tx.send(Exit { container_id: ev.container_id }).await.is_err() {
+                    Ok(ev)
+                        if ev.container_event_type
+                            == ContainerEventType::ContainerStoppedEvent as i32 =>
+                    {
+                        if tx
+                            .send(Exit {
+                                container_id: ev.container_id,
+                            })
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }

@@ -86,7 +86,9 @@ impl PodRunner {
     /// and starts the regular containers.
     pub async fn run(&self, pod: &Pod) -> Result<RunningPod, PodRunnerError> {
         if kubelet::uid(pod).is_empty() || kubelet::name(pod).is_empty() {
-            return Err(PodRunnerError::Spec("metadata.name and metadata.uid are required".into()));
+            return Err(PodRunnerError::Spec(
+                "metadata.name and metadata.uid are required".into(),
+            ));
         }
         let spec = pod
             .spec
@@ -103,7 +105,12 @@ impl PodRunner {
             .and_then(|s| s.network)
             .map(|n| n.ip)
             .unwrap_or_default();
-        write_etc_hosts(&self.dirs.pods, pod, &ip, spec.host_network.unwrap_or(false))?;
+        write_etc_hosts(
+            &self.dirs.pods,
+            pod,
+            &ip,
+            spec.host_network.unwrap_or(false),
+        )?;
 
         let mut running = RunningPod {
             sandbox_id,
