@@ -1,4 +1,11 @@
-//! ephemerald: a node agent that runs Kubernetes ephemeral containers through the CRI.
+//! ephemerald: a node agent that runs Kubernetes ephemeral containers
+//! through the node's CRI runtime, the way the kubelet does.
+//!
+//! The path of one ephemeral container: the pod watch (`kube` controller,
+//! field selector `spec.nodeName`) → [`reconcile::agent::Agent::reconcile`]
+//! → [`reconcile::observe`] → [`reconcile::plan`] → [`reconcile::execute`]
+//! → [`reconcile::status`] → `pods/status` and Events ([`k8s`]). Exit events
+//! ([`events`]) requeue a pod at once; a periodic resync is the safety net.
 
 pub mod backoff;
 pub mod config;
@@ -6,6 +13,299 @@ pub mod cri;
 pub mod events;
 pub mod k8s;
 pub mod kubelet;
+pub mod observe;
 pub mod reconcile;
 pub mod testbed;
 pub mod validation;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::watcher;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::{Config, Mode};
+use crate::cri::{CriClient, Runtime};
+use crate::k8s::{Cluster, K8sError, KubeCluster};
+use crate::observe::{Health, Metrics};
+use crate::reconcile::agent::{Agent, ModeGate, ReconcileError};
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is unusable (exit code 64).
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// No Kubernetes client could be built.
+    #[error(transparent)]
+    K8s(#[from] K8sError),
+    /// The CRI endpoint is unusable.
+    #[error(transparent)]
+    Cri(#[from] cri::CriError),
+    /// The health listener could not bind.
+    #[error("health endpoint")]
+    Health(#[source] std::io::Error),
+    /// The pod watch ended although no shutdown was asked for.
+    #[error("the pod controller stopped unexpectedly")]
+    ControllerStopped,
+}
+
+/// How often `--mode auto` looks at the node's Lease.
+const LEASE_CHECK: Duration = Duration::from_secs(10);
+
+/// Builds a client from the kubeconfig, or in-cluster / default config.
+pub async fn kube_client(config: &Config) -> Result<kube::Client, K8sError> {
+    let cfg = match &config.kubeconfig {
+        Some(path) => {
+            let bad = |source| K8sError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(bad)?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(bad)?
+        }
+        None => kube::Config::infer().await.map_err(K8sError::Infer)?,
+    };
+    kube::Client::try_from(cfg).map_err(K8sError::Config)
+}
+
+/// Handles to a running agent, for the demo and tests.
+pub struct Handles {
+    /// The agent (timelines, memory).
+    pub agent: Arc<Agent>,
+}
+
+/// Runs the agent until `shutdown` is cancelled; returns after running
+/// reconciles finished. Containers are never stopped on the way out: the
+/// agent does not own the pod's lifecycle.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let client = kube_client(&config).await?;
+    run_with_client(config, client, shutdown, |_| {}).await
+}
+
+/// [`run`] with a given client; `started` receives the agent once it exists.
+pub async fn run_with_client(
+    config: Config,
+    client: kube::Client,
+    shutdown: CancellationToken,
+    started: impl FnOnce(Handles),
+) -> Result<(), Error> {
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Mutex::new(Health::default()));
+    let runtime: Arc<dyn Runtime> = Arc::new(
+        CriClient::new(&config.cri_endpoint)?.with_timeout(config.runtime_request_timeout),
+    );
+    let runtime_name = wait_for_runtime(runtime.as_ref(), &health, &shutdown).await;
+    let cluster: Arc<dyn Cluster> = Arc::new(KubeCluster::new(client.clone()));
+
+    let mode = Arc::new(match config.mode {
+        Mode::Start => ModeGate::new(true, "--mode start"),
+        Mode::Observe => ModeGate::new(false, "--mode observe"),
+        Mode::Auto => {
+            let (live, why) = kubelet_alive(cluster.as_ref(), &config.node_name).await;
+            ModeGate::new(!live, why)
+        }
+    });
+    tracing::info!(node = %config.node_name, runtime = %runtime_name, "{}", mode.describe());
+    metrics.starting.set(i64::from(mode.starting()));
+    lock(&health).mode = mode.describe();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let (events, _writer) =
+        k8s::spawn_event_writer(client.clone(), config.node_name.clone(), shutdown.clone());
+    let agent = Arc::new(Agent::new(
+        runtime.clone(),
+        runtime_name,
+        cluster.clone(),
+        Arc::new(events),
+        config.dirs.clone(),
+        mode.clone(),
+        config.resync,
+        Backoff::new(config.backoff_initial, config.backoff_max, false),
+        metrics.clone(),
+        health.clone(),
+    ));
+    started(Handles {
+        agent: agent.clone(),
+    });
+
+    if config.mode == Mode::Auto {
+        let (cluster, mode, node, health, metrics, cancel) = (
+            cluster.clone(),
+            mode.clone(),
+            config.node_name.clone(),
+            health.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(LEASE_CHECK) => {}
+                }
+                let (live, why) = kubelet_alive(cluster.as_ref(), &node).await;
+                if mode.set(!live, why) {
+                    tracing::warn!("mode changed: {}", mode.describe());
+                }
+                metrics.starting.set(i64::from(mode.starting()));
+                lock(&health).mode = mode.describe();
+            }
+        });
+    }
+
+    if let Some(addr) = config.health_addr {
+        let listener_health = health.clone();
+        let m = metrics.clone();
+        let cancel = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = observe::serve(addr, listener_health, m, cancel).await {
+                tracing::error!(error = %e, %addr, "health endpoint failed");
+            }
+        });
+    }
+
+    // Exit events → the owning pod's ObjectRef → an immediate reconcile.
+    let (exit_tx, mut exit_rx) = mpsc::channel(256);
+    tasks.spawn(events::run(
+        events::Sources {
+            runtime: runtime.clone(),
+            containerd_socket: config.containerd_socket.clone(),
+            namespace: config.containerd_namespace.clone(),
+        },
+        exit_tx,
+        shutdown.clone(),
+    ));
+    let (requeue_tx, requeue_rx) = mpsc::channel(256);
+    let owner_agent = agent.clone();
+    tasks.spawn(async move {
+        while let Some(exit) = exit_rx.recv().await {
+            if let Some(pod) = owner_agent.owner_of(&exit.container_id) {
+                tracing::debug!(container_id = %exit.container_id, pod = %pod, "exit event");
+                if requeue_tx.send(pod).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+
+    let pods: kube::Api<Pod> = kube::Api::all(client);
+    let selector = format!("spec.nodeName={}", config.node_name);
+    let controller = Controller::new(pods, watcher::Config::default().fields(&selector))
+        .with_config(controller::Config::default().concurrency(32))
+        .reconcile_on(ReceiverStream::new(requeue_rx))
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    let store = controller.store();
+    let synced = health.clone();
+    tasks.spawn(async move {
+        if store.wait_until_ready().await.is_ok() {
+            lock(&synced).pods_synced = true;
+            tracing::info!("pod list synced");
+        }
+    });
+
+    let error_policy = |_pod: Arc<Pod>, err: &ReconcileError, _agent: Arc<Agent>| {
+        tracing::warn!(error = %err, "reconcile failed; retrying");
+        Action::requeue(Duration::from_secs(2))
+    };
+    controller
+        .run(
+            |pod, agent: Arc<Agent>| async move { agent.reconcile(&pod).await },
+            error_policy,
+            agent,
+        )
+        .for_each(|res| async move {
+            match res {
+                Ok(_) => {}
+                Err(controller::Error::ReconcilerFailed(..)) => {}
+                Err(e) => tracing::warn!(error = %e, "pod watch"),
+            }
+        })
+        .await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    if shutdown.is_cancelled() {
+        Ok(())
+    } else {
+        Err(Error::ControllerStopped)
+    }
+}
+
+/// Asks the runtime for its name until it answers (or shutdown); the agent
+/// is useless without one, and says why while it waits.
+async fn wait_for_runtime(
+    runtime: &dyn Runtime,
+    health: &Arc<Mutex<Health>>,
+    shutdown: &CancellationToken,
+) -> String {
+    let mut backoff = Backoff::watch();
+    loop {
+        match runtime.version().await {
+            Ok(v) => {
+                lock(health).runtime = Ok(format!("{} {}", v.runtime_name, v.runtime_version));
+                return v.runtime_name;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "container runtime unavailable; waiting for it");
+                lock(health).runtime = Err(e.to_string());
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return "unknown".into(),
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// Whether a kubelet renews this node's Lease, and a sentence saying so.
+pub async fn kubelet_alive(cluster: &dyn Cluster, node: &str) -> (bool, String) {
+    match cluster.node_lease(node).await {
+        Ok(None) => (
+            false,
+            format!("no Lease kube-node-lease/{node}: no kubelet serves this node"),
+        ),
+        Ok(Some(lease)) => {
+            let spec = lease.spec.unwrap_or_default();
+            let secs = i64::from(spec.lease_duration_seconds.unwrap_or(40));
+            let renewed = spec.renew_time.map(|t| t.0.as_second()).unwrap_or(0);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            if renewed + secs > now {
+                (
+                    true,
+                    format!(
+                        "a kubelet renewed Lease kube-node-lease/{node} {}s ago; it starts ephemeral containers itself",
+                        now - renewed
+                    ),
+                )
+            } else {
+                (
+                    false,
+                    format!(
+                        "Lease kube-node-lease/{node} expired {}s ago: no live kubelet",
+                        now - renewed - secs
+                    ),
+                )
+            }
+        }
+        // Cannot tell: the safe choice is not to race a possible kubelet.
+        Err(e) => (
+            true,
+            format!("cannot read the node Lease ({e}); not starting to avoid racing a kubelet"),
+        ),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

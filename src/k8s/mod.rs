@@ -102,3 +102,105 @@ impl MemoryEvents {
             .collect()
     }
 }
+
+mod client;
+pub use client::{KubeCluster, spawn_event_writer};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ContainerStatus;
+
+use crate::reconcile::image::DockerConfig;
+
+/// Errors of the Kubernetes boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    /// The API server answered a request with an error status.
+    #[error("{verb} {what}: {code} {reason}: {message}")]
+    Api {
+        /// What we did (`patch status`, `get`).
+        verb: &'static str,
+        /// The object.
+        what: String,
+        /// HTTP status code.
+        code: u16,
+        /// The Status reason (`Invalid`, `NotFound`, …).
+        reason: String,
+        /// The Status message.
+        message: String,
+    },
+    /// The request did not get an answer.
+    #[error("{verb} {what}: {source}")]
+    Transport {
+        /// What we did.
+        verb: &'static str,
+        /// The object.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Building a client from the configuration failed.
+    #[error("kubernetes client configuration")]
+    Config(#[source] kube::Error),
+    /// The kubeconfig file is unusable.
+    #[error("kubeconfig {path}")]
+    Kubeconfig {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// Neither in-cluster config nor a default kubeconfig was found.
+    #[error("no kubeconfig given and none could be inferred")]
+    Infer(#[source] kube::config::InferConfigError),
+}
+
+impl K8sError {
+    pub(crate) fn from_kube(verb: &'static str, what: String, e: kube::Error) -> Self {
+        match e {
+            kube::Error::Api(s) => K8sError::Api {
+                verb,
+                what,
+                code: s.code,
+                reason: s.reason.clone(),
+                message: s.message.clone(),
+            },
+            other => K8sError::Transport {
+                verb,
+                what,
+                source: other,
+            },
+        }
+    }
+
+    /// Whether trying again later may help (no answer, conflicts, server
+    /// trouble); a refusal of the request itself (422, 403, 404) is final.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            K8sError::Api { code, .. } => matches!(code, 409 | 429 | 500..=599),
+            K8sError::Transport { .. } => true,
+            K8sError::Config(_) | K8sError::Kubeconfig { .. } | K8sError::Infer(_) => false,
+        }
+    }
+}
+
+/// What the agent asks of the API server besides the pod watch.
+#[async_trait::async_trait]
+pub trait Cluster: Send + Sync {
+    /// Writes the whole `ephemeralContainerStatuses` list of the pod.
+    async fn patch_ephemeral_statuses(
+        &self,
+        pod: &Pod,
+        statuses: &[ContainerStatus],
+    ) -> Result<(), K8sError>;
+    /// The docker configs in the named secrets (missing ones are skipped,
+    /// as the kubelet does).
+    async fn pull_secrets(
+        &self,
+        namespace: &str,
+        names: &[String],
+    ) -> Result<Vec<DockerConfig>, K8sError>;
+    /// The node's Lease in `kube-node-lease`, if there is one.
+    async fn node_lease(&self, node: &str) -> Result<Option<Lease>, K8sError>;
+}

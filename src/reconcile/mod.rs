@@ -2,6 +2,7 @@
 //! compute status (pure). `translate` turns one ephemeral container into the
 //! CRI config the kubelet would send.
 
+pub mod agent;
 pub mod execute;
 pub mod image;
 pub mod observe;

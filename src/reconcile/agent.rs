@@ -1,0 +1,750 @@
+//! The reconcile pass of one pod and the state the agent keeps between
+//! passes: the last start failures with their backoff (the kubelet's reason
+//! cache), each ephemeral container's timeline, and which runtime container
+//! ids belong to which pod (for exit events).
+//!
+//! A pass is level-triggered: it observes the runtime, plans (pure),
+//! executes, computes the status (pure) and writes it if it changed. Running
+//! it again at any time converges to the same state.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use serde::Serialize;
+use tracing::Instrument;
+
+use super::execute::{self, StartContext, Started};
+use super::image;
+use super::observe::{self, Observed, State};
+use super::plan::{self, Action as PlanAction, Gates};
+use super::status::{self, Failure};
+use super::translate::{self, NodeDirs};
+use crate::backoff::Backoff;
+use crate::cri::{CriError, Runtime};
+use crate::k8s::{Cluster, ContainerEvent, EventSink, EventType, K8sError};
+use crate::kubelet;
+use crate::observe::{Metrics, PhaseLabels, SharedHealth, StartLabels};
+use crate::validation;
+
+/// A reconcile pass that could not finish; the pod is retried soon.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The runtime did not answer.
+    #[error(transparent)]
+    Cri(#[from] CriError),
+    /// The API server did not take the status.
+    #[error(transparent)]
+    K8s(#[from] K8sError),
+}
+
+/// Who created a container whose timeline is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Creator {
+    /// This agent.
+    Agent,
+    /// Someone else (a kubelet), observed.
+    Other,
+}
+
+/// When things happened to one ephemeral container, as this agent saw them.
+/// The same record whether the agent started it or watched another creator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Timeline {
+    /// `namespace/name` of the pod.
+    pub pod: String,
+    /// Container name.
+    pub container: String,
+    /// Who created it (unknown until created).
+    pub creator: Option<Creator>,
+    /// The agent first saw it in the pod spec.
+    pub seen: SystemTime,
+    /// The runtime created it.
+    pub created: Option<SystemTime>,
+    /// The runtime started it.
+    pub started: Option<SystemTime>,
+    /// The runtime reports it exited.
+    pub exited: Option<SystemTime>,
+    /// The API status first showed it running.
+    pub api_running: Option<SystemTime>,
+    /// The API status first showed it terminated.
+    pub api_terminated: Option<SystemTime>,
+}
+
+/// Whether the agent starts containers now.
+pub struct ModeGate {
+    starting: AtomicBool,
+    why: Mutex<String>,
+}
+
+impl ModeGate {
+    /// A gate that starts (`true`) or observes.
+    pub fn new(starting: bool, why: impl Into<String>) -> Self {
+        ModeGate {
+            starting: AtomicBool::new(starting),
+            why: Mutex::new(why.into()),
+        }
+    }
+
+    /// Whether containers are started (and statuses written) now.
+    pub fn starting(&self) -> bool {
+        self.starting.load(Ordering::SeqCst)
+    }
+
+    /// Changes the mode; returns whether it changed.
+    pub fn set(&self, starting: bool, why: impl Into<String>) -> bool {
+        *self.why.lock().unwrap_or_else(|e| e.into_inner()) = why.into();
+        self.starting.swap(starting, Ordering::SeqCst) != starting
+    }
+
+    /// One line for logs and `/readyz`.
+    pub fn describe(&self) -> String {
+        let why = self.why.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if self.starting() {
+            format!("starting ephemeral containers ({why})")
+        } else {
+            format!("observing only ({why})")
+        }
+    }
+}
+
+/// The last failure of one container and when to try again.
+#[derive(Debug, Clone)]
+struct FailureEntry {
+    failure: Failure,
+    /// `None`: never again (refused, or created but not started).
+    retry_at: Option<Instant>,
+    backoff: Backoff,
+    /// An image pull failed: while backing off, show ImagePullBackOff.
+    pull_failed: bool,
+    image: String,
+}
+
+#[derive(Debug, Default)]
+struct PodMemory {
+    failures: BTreeMap<String, FailureEntry>,
+    timelines: BTreeMap<String, Timeline>,
+    last_written: Option<Vec<ContainerStatus>>,
+    sandbox_details: Option<(String, SandboxDetails)>,
+}
+
+/// What the agent needs from a sandbox to recreate its config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxDetails {
+    /// cgroup parent the sandbox was created with.
+    pub cgroup_parent: String,
+    /// Its log directory.
+    pub log_directory: Option<String>,
+}
+
+/// Everything a reconcile pass needs; shared by all passes.
+pub struct Agent {
+    /// The runtime.
+    pub runtime: Arc<dyn Runtime>,
+    /// The runtime's name for container ids (`containerd`).
+    pub runtime_name: String,
+    /// The API server.
+    pub cluster: Arc<dyn Cluster>,
+    /// Events.
+    pub events: Arc<dyn EventSink>,
+    /// Node directories.
+    pub dirs: NodeDirs,
+    /// Start or observe.
+    pub mode: Arc<ModeGate>,
+    /// Resync period.
+    pub resync: Duration,
+    /// Per-container backoff policy.
+    pub backoff: Backoff,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Health.
+    pub health: SharedHealth,
+    memory: Mutex<HashMap<String, PodMemory>>,
+    exits: Mutex<HashMap<String, ObjectRef<Pod>>>,
+}
+
+impl Agent {
+    /// A new agent with empty memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        runtime: Arc<dyn Runtime>,
+        runtime_name: String,
+        cluster: Arc<dyn Cluster>,
+        events: Arc<dyn EventSink>,
+        dirs: NodeDirs,
+        mode: Arc<ModeGate>,
+        resync: Duration,
+        backoff: Backoff,
+        metrics: Arc<Metrics>,
+        health: SharedHealth,
+    ) -> Self {
+        Agent {
+            runtime,
+            runtime_name,
+            cluster,
+            events,
+            dirs,
+            mode,
+            resync,
+            backoff,
+            metrics,
+            health,
+            memory: Mutex::default(),
+            exits: Mutex::default(),
+        }
+    }
+
+    /// The pod that owns a runtime container, if it is an ephemeral
+    /// container the agent has seen.
+    pub fn owner_of(&self, container_id: &str) -> Option<ObjectRef<Pod>> {
+        lock(&self.exits).get(container_id).cloned()
+    }
+
+    /// Every timeline recorded so far.
+    pub fn timelines(&self) -> Vec<Timeline> {
+        lock(&self.memory)
+            .values()
+            .flat_map(|m| m.timelines.values().cloned())
+            .collect()
+    }
+
+    /// One reconcile pass for one pod.
+    pub async fn reconcile(&self, pod: &Pod) -> Result<Action, ReconcileError> {
+        let uid = kubelet::uid(pod).to_string();
+        let ecs = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.ephemeral_containers.clone())
+            .unwrap_or_default();
+        if ecs.is_empty() || uid.is_empty() {
+            // Nothing to do until the pod gains an ephemeral container.
+            lock(&self.memory).remove(&uid);
+            return Ok(Action::await_change());
+        }
+        self.metrics.reconciles.inc();
+        let span = tracing::info_span!("reconcile", pod = %format!("{}/{}", kubelet::namespace(pod), kubelet::name(pod)), uid = %uid);
+        self.pass(pod, &uid).instrument(span).await
+    }
+
+    async fn pass(&self, pod: &Pod, uid: &str) -> Result<Action, ReconcileError> {
+        let ecs = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.ephemeral_containers.clone())
+            .unwrap_or_default();
+        let names: HashSet<&str> = ecs.iter().map(|c| c.name.as_str()).collect();
+        let observed = match observe::observe(self.runtime.as_ref(), uid, &names).await {
+            Ok(o) => o,
+            Err(e) => {
+                self.metrics.reconcile_errors.inc();
+                lock(&self.health).runtime = Err(e.to_string());
+                return Err(e.into());
+            }
+        };
+        self.index(pod, &observed, &names);
+        self.record_timelines(pod, &observed, SystemTime::now());
+
+        let starting = self.mode.starting() && !terminating(pod);
+        let now = Instant::now();
+        let gates = Gates {
+            backing_off: self.backing_off(uid, now),
+            refused: validation::refusals(pod),
+        };
+        let planned = plan::plan(pod, &observed, &gates);
+        let mut touched_runtime = false;
+        if starting {
+            for action in planned.actions {
+                touched_runtime |= self.act(pod, uid, &observed, action).await;
+            }
+        }
+        let observed = if touched_runtime {
+            let o = observe::observe(self.runtime.as_ref(), uid, &names).await?;
+            self.index(pod, &o, &names);
+            self.record_timelines(pod, &o, SystemTime::now());
+            o
+        } else {
+            observed
+        };
+
+        if starting {
+            let failures = self.displayed_failures(pod, uid, Instant::now());
+            let statuses =
+                status::ephemeral_statuses(pod, &observed, &failures, &self.runtime_name);
+            let already = lock(&self.memory)
+                .get(uid)
+                .and_then(|m| m.last_written.clone());
+            if status::changed(pod, &statuses) && already.as_ref() != Some(&statuses) {
+                self.cluster
+                    .patch_ephemeral_statuses(pod, &statuses)
+                    .await?;
+                self.metrics.status_patches.inc();
+                tracing::info!(statuses = %summary(&statuses), "status written");
+                lock(&self.memory)
+                    .entry(uid.to_string())
+                    .or_default()
+                    .last_written = Some(statuses);
+            }
+        }
+        Ok(Action::requeue(self.next_pass(uid, Instant::now())))
+    }
+
+    /// Carries out one planned action; returns whether the runtime changed.
+    async fn act(&self, pod: &Pod, uid: &str, observed: &Observed, action: PlanAction) -> bool {
+        match action {
+            PlanAction::Fail {
+                name,
+                reason,
+                message,
+            } => {
+                let permanent = validation::refusals(pod).contains_key(&name);
+                let first = self.remember_failure(
+                    uid,
+                    &name,
+                    "",
+                    execute::StartFailure {
+                        reason,
+                        message: message.clone(),
+                        retryable: !permanent,
+                        created_id: None,
+                    },
+                );
+                if first || !permanent {
+                    self.events.record(ContainerEvent::new(
+                        pod,
+                        &name,
+                        EventType::Warning,
+                        "Failed",
+                        format!("Error: {message}"),
+                    ));
+                }
+                tracing::warn!(container = %name, reason, %message, "cannot start");
+                self.metrics
+                    .starts
+                    .get_or_create(&StartLabels {
+                        result: "failed".into(),
+                        reason: reason.into(),
+                    })
+                    .inc();
+                false
+            }
+            PlanAction::Start { name, target_id } => {
+                let Some(c) = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.ephemeral_containers.as_ref())
+                    .and_then(|v| v.iter().find(|c| c.name == name))
+                else {
+                    return false;
+                };
+                let Some(sandbox) = observed.ready_sandbox() else {
+                    return false;
+                };
+                let details = self.sandbox_details(uid, &sandbox.id).await;
+                let mut sandbox_config = translate::sandbox_config(
+                    pod,
+                    &self.dirs.pod_logs,
+                    sandbox.attempt,
+                    &details.cgroup_parent,
+                );
+                if let Some(dir) = details.log_directory {
+                    sandbox_config.log_directory = dir;
+                }
+                let auths = self
+                    .pull_auths(pod, c.image.as_deref().unwrap_or_default())
+                    .await;
+                let cx = StartContext {
+                    runtime: self.runtime.as_ref(),
+                    events: self.events.as_ref(),
+                    dirs: &self.dirs,
+                    sandbox_id: &sandbox.id,
+                    sandbox_config: &sandbox_config,
+                    pull_auths: &auths,
+                };
+                let result = execute::start(&cx, pod, c, target_id.as_deref()).await;
+                self.after_start(
+                    pod,
+                    uid,
+                    &name,
+                    c.image.as_deref().unwrap_or_default(),
+                    result,
+                )
+            }
+        }
+    }
+
+    fn after_start(
+        &self,
+        pod: &Pod,
+        uid: &str,
+        name: &str,
+        image: &str,
+        result: Result<Started, execute::StartFailure>,
+    ) -> bool {
+        let label = |result: &str, reason: &str| StartLabels {
+            result: result.into(),
+            reason: reason.into(),
+        };
+        match result {
+            Ok(Started::Started { id, timings }) => {
+                let mut mem = lock(&self.memory);
+                let m = mem.entry(uid.to_string()).or_default();
+                m.failures.remove(name);
+                if let Some(t) = m.timelines.get_mut(name) {
+                    t.creator = Some(Creator::Agent);
+                    t.created = Some(timings.created_at);
+                    t.started = Some(timings.started_at);
+                    if let Ok(d) = timings.started_at.duration_since(t.seen) {
+                        self.metrics.seen_to_running.observe(d.as_secs_f64());
+                    }
+                }
+                for (phase, d) in [
+                    ("image", timings.image),
+                    ("create", timings.create),
+                    ("start", timings.start),
+                ] {
+                    self.metrics
+                        .phases
+                        .get_or_create(&PhaseLabels {
+                            phase: phase.into(),
+                        })
+                        .observe(d.as_secs_f64());
+                }
+                self.metrics
+                    .starts
+                    .get_or_create(&label("started", ""))
+                    .inc();
+                lock(&self.exits).insert(id, ObjectRef::from_obj(pod));
+                true
+            }
+            Ok(Started::Adopted { id }) => {
+                self.metrics
+                    .starts
+                    .get_or_create(&label("adopted", ""))
+                    .inc();
+                lock(&self.exits).insert(id, ObjectRef::from_obj(pod));
+                true
+            }
+            Err(f) => {
+                tracing::warn!(container = %name, reason = f.reason, message = %f.message, retryable = f.retryable, "start failed");
+                self.metrics
+                    .starts
+                    .get_or_create(&label("failed", f.reason))
+                    .inc();
+                let created = f.created_id.is_some();
+                self.remember_failure(uid, name, image, f);
+                created
+            }
+        }
+    }
+
+    /// Records a failure; returns whether it is new (not a repeat).
+    fn remember_failure(
+        &self,
+        uid: &str,
+        name: &str,
+        image: &str,
+        f: execute::StartFailure,
+    ) -> bool {
+        let now = Instant::now();
+        let mut mem = lock(&self.memory);
+        let m = mem.entry(uid.to_string()).or_default();
+        let previous = m.failures.remove(name);
+        let first = previous
+            .as_ref()
+            .is_none_or(|p| p.failure.reason != f.reason || p.failure.message != f.message);
+        let mut backoff = previous.map_or_else(|| self.backoff.clone(), |p| p.backoff);
+        let retry = f.retryable && f.created_id.is_none();
+        let retry_at = retry.then(|| now + backoff.next_delay());
+        m.failures.insert(
+            name.to_string(),
+            FailureEntry {
+                failure: Failure {
+                    reason: f.reason.to_string(),
+                    message: f.message,
+                },
+                retry_at,
+                backoff,
+                pull_failed: f.reason == execute::reason::ERR_IMAGE_PULL,
+                image: image.to_string(),
+            },
+        );
+        first
+    }
+
+    fn backing_off(&self, uid: &str, now: Instant) -> HashSet<String> {
+        lock(&self.memory)
+            .get(uid)
+            .map(|m| {
+                m.failures
+                    .iter()
+                    .filter(|(_, f)| f.retry_at.is_none_or(|t| t > now))
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The reasons the status shows; an image pull that failed shows as
+    /// ImagePullBackOff while it waits, with a BackOff event, as the kubelet's.
+    fn displayed_failures(&self, pod: &Pod, uid: &str, now: Instant) -> BTreeMap<String, Failure> {
+        let mut mem = lock(&self.memory);
+        let Some(m) = mem.get_mut(uid) else {
+            return BTreeMap::new();
+        };
+        let mut out = BTreeMap::new();
+        for (name, f) in m.failures.iter_mut() {
+            let waiting = f.retry_at.is_some_and(|t| t > now);
+            if f.pull_failed && waiting && f.failure.reason == execute::reason::ERR_IMAGE_PULL {
+                let previous = f.failure.message.clone();
+                f.failure = Failure {
+                    reason: execute::reason::IMAGE_PULL_BACK_OFF.into(),
+                    message: format!(
+                        "Back-off pulling image {:?}: ErrImagePull: {previous}",
+                        f.image
+                    ),
+                };
+                self.events.record(ContainerEvent::new(
+                    pod,
+                    name,
+                    EventType::Normal,
+                    "BackOff",
+                    format!("Back-off pulling image {:?}", f.image),
+                ));
+            }
+            out.insert(name.clone(), f.failure.clone());
+        }
+        out
+    }
+
+    fn next_pass(&self, uid: &str, now: Instant) -> Duration {
+        let soonest = lock(&self.memory).get(uid).and_then(|m| {
+            m.failures
+                .values()
+                .filter_map(|f| f.retry_at)
+                .filter(|t| *t > now)
+                .min()
+        });
+        match soonest {
+            Some(t) => (t - now).min(self.resync),
+            None => self.resync,
+        }
+    }
+
+    fn index(&self, pod: &Pod, observed: &Observed, names: &HashSet<&str>) {
+        let mut exits = lock(&self.exits);
+        for c in observed
+            .containers
+            .iter()
+            .filter(|c| names.contains(c.name.as_str()))
+        {
+            if c.state != State::Exited {
+                exits.insert(c.id.clone(), ObjectRef::from_obj(pod));
+            } else {
+                exits.remove(&c.id);
+            }
+        }
+    }
+
+    fn record_timelines(&self, pod: &Pod, observed: &Observed, now: SystemTime) {
+        let uid = kubelet::uid(pod);
+        let pod_key = format!("{}/{}", kubelet::namespace(pod), kubelet::name(pod));
+        let api: BTreeMap<&str, &ContainerStatus> = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.ephemeral_container_statuses.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .map(|s| (s.name.as_str(), s))
+            .collect();
+        let mut mem = lock(&self.memory);
+        let m = mem.entry(uid.to_string()).or_default();
+        for c in pod
+            .spec
+            .iter()
+            .flat_map(|s| s.ephemeral_containers.iter().flatten())
+        {
+            let t = m.timelines.entry(c.name.clone()).or_insert_with(|| {
+                tracing::info!(container = %c.name, "ephemeral container seen in the spec");
+                Timeline {
+                    pod: pod_key.clone(),
+                    container: c.name.clone(),
+                    creator: None,
+                    seen: now,
+                    created: None,
+                    started: None,
+                    exited: None,
+                    api_running: None,
+                    api_terminated: None,
+                }
+            });
+            let before = t.clone();
+            if let Some(rc) = observed.newest(&c.name) {
+                if t.created.is_none() {
+                    t.creator.get_or_insert(Creator::Other);
+                    t.created = ns_time(rc.created_at);
+                }
+                if t.started.is_none() {
+                    t.started = ns_time(rc.started_at);
+                }
+                if t.exited.is_none() && rc.state == State::Exited {
+                    t.exited = ns_time(rc.finished_at).or(Some(now));
+                }
+            }
+            if let Some(st) = api.get(c.name.as_str()).and_then(|s| s.state.as_ref()) {
+                if st.running.is_some() && t.api_running.is_none() {
+                    t.api_running = Some(now);
+                }
+                if st.terminated.is_some() && t.api_terminated.is_none() {
+                    t.api_terminated = Some(now);
+                }
+            }
+            if *t != before {
+                tracing::info!(container = %c.name, timeline = %serde_json::to_string(t).unwrap_or_default(), "timeline");
+            }
+        }
+    }
+
+    async fn sandbox_details(&self, uid: &str, sandbox_id: &str) -> SandboxDetails {
+        if let Some((id, d)) = lock(&self.memory)
+            .get(uid)
+            .and_then(|m| m.sandbox_details.clone())
+            && id == sandbox_id
+        {
+            return d;
+        }
+        let details = match self.runtime.pod_sandbox_status(sandbox_id, true).await {
+            Ok(resp) => resp
+                .info
+                .get("info")
+                .map(|s| parse_sandbox_info(s))
+                .unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "sandbox status; using an empty cgroup parent");
+                SandboxDetails::default()
+            }
+        };
+        lock(&self.memory)
+            .entry(uid.to_string())
+            .or_default()
+            .sandbox_details = Some((sandbox_id.to_string(), details.clone()));
+        details
+    }
+
+    async fn pull_auths(&self, pod: &Pod, image: &str) -> Vec<crate::cri::proto::AuthConfig> {
+        let names: Vec<String> = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.image_pull_secrets.as_ref())
+            .map(|v| v.iter().map(|r| r.name.clone()).collect())
+            .unwrap_or_default();
+        if names.is_empty() {
+            return vec![];
+        }
+        match self
+            .cluster
+            .pull_secrets(kubelet::namespace(pod), &names)
+            .await
+        {
+            Ok(configs) => image::credentials_for(image, &configs),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading image pull secrets; pulling without them");
+                vec![]
+            }
+        }
+    }
+}
+
+/// containerd's verbose sandbox info holds the config it was created with.
+pub fn parse_sandbox_info(info: &str) -> SandboxDetails {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(info) else {
+        return SandboxDetails::default();
+    };
+    let config = &v["config"];
+    let linux = &config["linux"];
+    let cgroup_parent = linux["cgroup_parent"]
+        .as_str()
+        .or(linux["cgroupParent"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let log_directory = config["log_directory"]
+        .as_str()
+        .or(config["logDirectory"].as_str())
+        .map(str::to_string);
+    SandboxDetails {
+        cgroup_parent,
+        log_directory,
+    }
+}
+
+fn terminating(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+        || pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed")
+}
+
+fn ns_time(ns: i64) -> Option<SystemTime> {
+    (ns > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64))
+}
+
+fn summary(statuses: &[ContainerStatus]) -> String {
+    statuses
+        .iter()
+        .map(|s| {
+            let st = s.state.as_ref();
+            let what = if let Some(t) = st.and_then(|s| s.terminated.as_ref()) {
+                format!("terminated({})", t.exit_code)
+            } else if st.and_then(|s| s.running.as_ref()).is_some() {
+                "running".to_string()
+            } else {
+                let r = st
+                    .and_then(|s| s.waiting.as_ref())
+                    .and_then(|w| w.reason.clone())
+                    .unwrap_or_default();
+                format!("waiting({r})")
+            };
+            format!("{}={what}", s.name)
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_info_gives_cgroup_parent_and_log_dir() {
+        let info = r#"{"pid":1,"config":{"log_directory":"/var/log/pods/ns_p_u",
+            "linux":{"cgroup_parent":"/kubepods/besteffort/podu"}}}"#;
+        assert_eq!(
+            parse_sandbox_info(info),
+            SandboxDetails {
+                cgroup_parent: "/kubepods/besteffort/podu".into(),
+                log_directory: Some("/var/log/pods/ns_p_u".into()),
+            }
+        );
+        assert_eq!(parse_sandbox_info("not json"), SandboxDetails::default());
+    }
+
+    #[test]
+    fn mode_gate_reports_changes() {
+        let g = ModeGate::new(false, "a kubelet renews the node lease");
+        assert!(!g.starting());
+        assert!(g.describe().starts_with("observing only"));
+        assert!(g.set(true, "no live kubelet"));
+        assert!(!g.set(true, "no live kubelet"));
+        assert!(g.describe().contains("no live kubelet"));
+    }
+}
