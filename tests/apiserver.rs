@@ -271,6 +271,81 @@ async fn watch_with_field_selector_resumes_from_resource_version() {
 }
 
 #[tokio::test]
+async fn pod_updates_and_deletes() {
+    let (server, pods) = started().await;
+    pods.create(&PostParams::default(), &pod("web", "node1"))
+        .await
+        .unwrap();
+    let rv = server.resource_version();
+    let mut stream = pods
+        .watch(&WatchParams::default().disable_bookmarks(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let pp = PatchParams::default();
+
+    // Metadata and container images may change; generation follows the spec.
+    let p = pods
+        .patch(
+            "web",
+            &pp,
+            &Patch::Merge(json!({"metadata": {"labels": {"tier": "front"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.metadata.labels.unwrap()["tier"], "front");
+    assert_eq!(p.metadata.generation, Some(1));
+    let p = pods
+        .patch(
+            "web",
+            &pp,
+            &Patch::Strategic(json!({"spec": {"containers": [{"name": "app", "image": "ephemerald.local/app:2"}]}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.metadata.generation, Some(2));
+    assert!(matches!(
+        next_event(&mut stream).await,
+        WatchEvent::Modified(_)
+    ));
+    assert!(matches!(
+        next_event(&mut stream).await,
+        WatchEvent::Modified(_)
+    ));
+
+    // Other spec fields are immutable.
+    let err = api_error(
+        pods.patch(
+            "web",
+            &pp,
+            &Patch::Merge(json!({"spec": {"nodeName": "node2"}})),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(err.code, 422);
+    assert!(
+        err.message.starts_with(
+            "Pod \"web\" is invalid: spec: Forbidden: pod updates may not change fields other than `spec.containers[*].image`,"
+        ),
+        "{}",
+        err.message
+    );
+
+    // DELETE removes the pod at once; watchers get its last state with a new RV.
+    pods.delete("web", &Default::default()).await.unwrap();
+    match next_event(&mut stream).await {
+        WatchEvent::Deleted(p) => {
+            assert_eq!(p.metadata.resource_version, Some(server.resource_version()))
+        }
+        other => panic!("expected DELETED, got {other:?}"),
+    }
+    let err = api_error(pods.delete("web", &Default::default()).await.unwrap_err());
+    assert_eq!(err.message, "pods \"web\" not found");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn bookmarks_and_initial_events() {
     let (server, pods) = started().await;
     server.set_bookmark_interval(Duration::from_millis(100));
@@ -1028,6 +1103,31 @@ async fn status_writes_and_the_terminated_rule() {
             .is_some()
     );
     assert_eq!(history[1].resource_version, history[2].resource_version);
+
+    // The agent pins its status patch to the pod's UID; another UID (a
+    // recreated pod with the same name) is refused.
+    let uid = server.pod("default", "web").unwrap().metadata.uid.unwrap();
+    pods.patch_status(
+        "web",
+        &pp,
+        &Patch::Merge(json!({"metadata": {"uid": uid}, "status": {"message": "pinned"}})),
+    )
+    .await
+    .unwrap();
+    let err = api_error(
+        pods.patch_status(
+            "web",
+            &pp,
+            &Patch::Merge(json!({"metadata": {"uid": "other"}, "status": {"message": "x"}})),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(
+        err.message,
+        "Pod \"web\" is invalid: metadata.uid: Invalid value: \"other\": field is immutable"
+    );
+    assert_eq!(server.rejected_status_writes().len(), 2);
 
     // Status writes cannot change the spec.
     let p = pods

@@ -348,6 +348,21 @@ fn validate_pod_create(pod: &Pod, allow_ephemeral: bool) -> Vec<FieldError> {
     errs
 }
 
+/// `metadata.uid: Invalid value: "X": field is immutable` when a write
+/// carries another UID than the stored object's.
+fn immutable_uid(new: Option<&str>, old: Option<&str>) -> Vec<FieldError> {
+    match new {
+        Some(uid) if !uid.is_empty() && Some(uid) != old => {
+            vec![FieldError::invalid(
+                "metadata.uid",
+                uid,
+                "field is immutable",
+            )]
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// The detail of `ValidatePodUpdate`'s refusal of spec changes.
 const POD_UPDATE_FORBIDDEN: &str = "pod updates may not change fields other than `spec.containers[*].image`,\
 `spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing \
@@ -580,76 +595,84 @@ impl Store {
         {
             return Err(StatusError::conflict("pods", "", name));
         }
+        // `rest.BeforeUpdate`: identity metadata is immutable. (A client may
+        // send its UID to pin the write to this incarnation of the pod.)
+        let uid_errs = immutable_uid(body.metadata.uid.as_deref(), old.metadata.uid.as_deref());
         let mut new = (*old).clone();
-        let errs = match sub {
-            Subresource::Ephemeral => {
-                let spec = new.spec.get_or_insert_with(Default::default);
-                spec.ephemeral_containers = body.spec.and_then(|s| s.ephemeral_containers);
-                spec.ephemeral_containers
-                    .iter_mut()
-                    .flatten()
-                    .for_each(default_ephemeral_container);
-                if spec
-                    .ephemeral_containers
-                    .as_ref()
-                    .is_some_and(Vec::is_empty)
-                {
-                    spec.ephemeral_containers = None;
+        let errs = if !uid_errs.is_empty() {
+            uid_errs
+        } else {
+            match sub {
+                Subresource::Ephemeral => {
+                    let spec = new.spec.get_or_insert_with(Default::default);
+                    spec.ephemeral_containers = body.spec.and_then(|s| s.ephemeral_containers);
+                    spec.ephemeral_containers
+                        .iter_mut()
+                        .flatten()
+                        .for_each(default_ephemeral_container);
+                    if spec
+                        .ephemeral_containers
+                        .as_ref()
+                        .is_some_and(Vec::is_empty)
+                    {
+                        spec.ephemeral_containers = None;
+                    }
+                    validate_ephemeral_containers_update(&new, &old)
                 }
-                validate_ephemeral_containers_update(&new, &old)
-            }
-            Subresource::Status => {
-                new.status = body.status;
-                new.metadata.labels = body.metadata.labels;
-                new.metadata.annotations = body.metadata.annotations;
-                let old_status = old.status.clone().unwrap_or_default();
-                let status = new.status.get_or_insert_with(Default::default);
-                if status.qos_class.as_deref().unwrap_or("").is_empty() {
-                    status.qos_class = old_status.qos_class;
+                Subresource::Status => {
+                    new.status = body.status;
+                    new.metadata.labels = body.metadata.labels;
+                    new.metadata.annotations = body.metadata.annotations;
+                    let old_status = old.status.clone().unwrap_or_default();
+                    let status = new.status.get_or_insert_with(Default::default);
+                    if status.qos_class.as_deref().unwrap_or("").is_empty() {
+                        status.qos_class = old_status.qos_class;
+                    }
+                    if status.observed_generation.unwrap_or(0) == 0 {
+                        status.observed_generation = old_status.observed_generation;
+                    }
+                    validate_pod_status_update(&new, &old)
                 }
-                if status.observed_generation.unwrap_or(0) == 0 {
-                    status.observed_generation = old_status.observed_generation;
-                }
-                validate_pod_status_update(&new, &old)
-            }
-            Subresource::Main => {
-                let meta = &mut new.metadata;
-                meta.labels = body.metadata.labels;
-                meta.annotations = body.metadata.annotations;
-                meta.finalizers = body.metadata.finalizers;
-                meta.owner_references = body.metadata.owner_references;
-                let mut spec = body.spec.unwrap_or_default();
-                let old_spec = old.spec.clone().unwrap_or_default();
-                // Ephemeral containers change only through their subresource.
-                spec.ephemeral_containers = old_spec.ephemeral_containers.clone();
-                spec.containers.iter_mut().for_each(default_container);
-                spec.init_containers
-                    .iter_mut()
-                    .flatten()
-                    .for_each(default_container);
-                let mut munged = spec.clone();
-                for (n, o) in munged.containers.iter_mut().zip(&old_spec.containers) {
-                    n.image = o.image.clone();
-                }
-                for (n, o) in munged
-                    .init_containers
-                    .iter_mut()
-                    .flatten()
-                    .zip(old_spec.init_containers.iter().flatten())
-                {
-                    n.image = o.image.clone();
-                }
-                munged.active_deadline_seconds = old_spec.active_deadline_seconds;
-                munged.tolerations = old_spec.tolerations.clone();
-                munged.termination_grace_period_seconds = old_spec.termination_grace_period_seconds;
-                new.spec = Some(spec);
-                if munged == old_spec {
-                    Vec::new()
-                } else {
-                    vec![FieldError::forbidden(
-                        "spec",
-                        POD_UPDATE_FORBIDDEN.to_string() + "\n",
-                    )]
+                Subresource::Main => {
+                    let meta = &mut new.metadata;
+                    meta.labels = body.metadata.labels;
+                    meta.annotations = body.metadata.annotations;
+                    meta.finalizers = body.metadata.finalizers;
+                    meta.owner_references = body.metadata.owner_references;
+                    let mut spec = body.spec.unwrap_or_default();
+                    let old_spec = old.spec.clone().unwrap_or_default();
+                    // Ephemeral containers change only through their subresource.
+                    spec.ephemeral_containers = old_spec.ephemeral_containers.clone();
+                    spec.containers.iter_mut().for_each(default_container);
+                    spec.init_containers
+                        .iter_mut()
+                        .flatten()
+                        .for_each(default_container);
+                    let mut munged = spec.clone();
+                    for (n, o) in munged.containers.iter_mut().zip(&old_spec.containers) {
+                        n.image = o.image.clone();
+                    }
+                    for (n, o) in munged
+                        .init_containers
+                        .iter_mut()
+                        .flatten()
+                        .zip(old_spec.init_containers.iter().flatten())
+                    {
+                        n.image = o.image.clone();
+                    }
+                    munged.active_deadline_seconds = old_spec.active_deadline_seconds;
+                    munged.tolerations = old_spec.tolerations.clone();
+                    munged.termination_grace_period_seconds =
+                        old_spec.termination_grace_period_seconds;
+                    new.spec = Some(spec);
+                    if munged == old_spec {
+                        Vec::new()
+                    } else {
+                        vec![FieldError::forbidden(
+                            "spec",
+                            POD_UPDATE_FORBIDDEN.to_string() + "\n",
+                        )]
+                    }
                 }
             }
         };
@@ -858,6 +881,17 @@ impl Store {
             && Some(rv) != old["metadata"]["resourceVersion"].as_str()
         {
             return Err(StatusError::conflict(kind.resource(), kind.group(), name));
+        }
+        let uid_errs = immutable_uid(
+            new["metadata"]["uid"].as_str(),
+            old["metadata"]["uid"].as_str(),
+        );
+        if !uid_errs.is_empty() {
+            return Err(StatusError::invalid(
+                &kind.qualified_kind(),
+                name,
+                &uid_errs,
+            ));
         }
         if kind == Kind::Secret {
             new = normalize_secret(new)?;
