@@ -389,7 +389,8 @@ impl LocalApiServer {
             .collect()
     }
 
-    /// The request log, one `METHOD path?query` per request, oldest first.
+    /// The request log, one `METHOD path?query` per request, oldest first
+    /// (the most recent 50 000–100 000).
     pub fn requests(&self) -> Vec<String> {
         self.store.requests()
     }

@@ -30,6 +30,9 @@ use crate::validation::{
 /// How many pod changes the history keeps before it forgets the oldest.
 const HISTORY_LIMIT: usize = 10_000;
 
+/// How many request lines the log keeps (the older half goes when full).
+const REQUEST_LOG_LIMIT: usize = 100_000;
+
 /// Namespaces that exist from the start.
 const INITIAL_NAMESPACES: [&str; 4] = ["default", "kube-node-lease", "kube-public", "kube-system"];
 
@@ -401,7 +404,11 @@ impl Store {
     }
 
     pub fn log_request(&self, line: String) {
-        self.lock().requests.push(line);
+        let mut st = self.lock();
+        if st.requests.len() >= REQUEST_LOG_LIMIT {
+            st.requests.drain(..REQUEST_LOG_LIMIT / 2);
+        }
+        st.requests.push(line);
     }
 
     pub fn requests(&self) -> Vec<String> {
