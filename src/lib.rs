@@ -205,10 +205,14 @@ pub async fn run_with_client(
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     let store = controller.store();
     let synced = health.clone();
+    let cancel = shutdown.clone();
     tasks.spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            lock(&synced).pods_synced = true;
-            tracing::info!("pod list synced");
+        tokio::select! {
+            ready = store.wait_until_ready() => if ready.is_ok() {
+                lock(&synced).pods_synced = true;
+                tracing::info!("pod list synced");
+            },
+            _ = cancel.cancelled() => {}
         }
     });
 

@@ -414,3 +414,46 @@ async fn exit_3_is_exited_with_code_3_logged_at_the_kubelet_path_and_never_resta
     }
     bed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_events_arrive_from_containerd() {
+    let bed = Bed::start("cri-events").await;
+    let pod = app_pod("events");
+    let running = bed.runner.run(&pod).await.expect("pod runs");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(ephemerald::events::run(
+        ephemerald::events::Sources {
+            runtime: bed.cri.clone(),
+            containerd_socket: Some(bed.containerd.socket().to_path_buf()),
+            namespace: "k8s.io".into(),
+        },
+        tx,
+        cancel.clone(),
+    ));
+    // Subscribing takes a moment; start containers until one's exit is seen.
+    let events = MemoryEvents::default();
+    let mut ids = HashSet::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    let got = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit event within {WAIT:?}"
+        );
+        let dbg = debug_container(&format!("dbg{}", ids.len()), None, "exit 7");
+        if let Ok(Started::Started { id, .. }) =
+            start(&bed, &running, &pod, &dbg, None, &events).await
+        {
+            ids.insert(id);
+        }
+        if let Ok(Some(exit)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await
+            && ids.contains(&exit.container_id)
+        {
+            break exit;
+        }
+    };
+    assert!(ids.contains(&got.container_id));
+    cancel.cancel();
+    task.await.unwrap();
+    bed.stop().await;
+}

@@ -220,11 +220,13 @@ pub fn credentials_for(image: &str, configs: &[DockerConfig]) -> Vec<AuthConfig>
         .iter()
         .flat_map(|c| c.auths.iter())
         .filter(|(key, _)| normalise(key) == want)
-        .map(|(key, a)| AuthConfig {
+        // Like the kubelet, no server address: containerd 1.6 would drop
+        // credentials whose address is not a URL of the registry host.
+        .map(|(_, a)| AuthConfig {
             username: a.username.clone(),
             password: a.password.clone(),
             auth: a.auth.clone(),
-            server_address: key.clone(),
+            server_address: String::new(),
             identity_token: a.identity_token.clone(),
             registry_token: a.registry_token.clone(),
         })

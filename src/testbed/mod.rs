@@ -2,5 +2,8 @@
 //! a pod runner and a local API server. Nothing here is used by `ephemerald run`.
 pub mod apiserver;
 pub mod containerd;
+pub mod demo;
+pub mod fake_cri;
 pub mod images;
 pub mod pod_runner;
+pub mod stack;
