@@ -314,9 +314,10 @@ mod tests {
         assert_eq!(hub[0].auth, "dXNlcjpwdw==");
         let quay = credentials_for("quay.io/org/tool:1", std::slice::from_ref(&cfg));
         assert_eq!(
-            (quay[0].username.as_str(), quay[0].server_address.as_str()),
-            ("u", "quay.io")
+            (quay[0].username.as_str(), quay[0].password.as_str()),
+            ("u", "p")
         );
+        assert!(quay[0].server_address.is_empty(), "as the kubelet sends it");
         assert!(credentials_for("ghcr.io/x/y", &[cfg]).is_empty());
     }
 }
