@@ -186,14 +186,20 @@ pub async fn run_with_client(
     ));
     let (requeue_tx, requeue_rx) = mpsc::channel(256);
     let owner_agent = agent.clone();
+    let exit_runtime = runtime.clone();
     tasks.spawn(async move {
         while let Some(exit) = exit_rx.recv().await {
-            if let Some(pod) = owner_agent.owner_of(&exit.container_id) {
-                tracing::debug!(container_id = %exit.container_id, pod = %pod, "exit event");
-                if requeue_tx.send(pod).await.is_err() {
-                    return;
-                }
-            }
+            let Some(pod) = owner_agent.owner_of(&exit.container_id) else {
+                continue;
+            };
+            tracing::debug!(container_id = %exit.container_id, pod = %pod, "exit event");
+            // containerd's CRI records the exit from the same event a moment
+            // later; requeue once the CRI shows it, so the pass sees it.
+            let (rt, tx) = (exit_runtime.clone(), requeue_tx.clone());
+            tokio::spawn(async move {
+                wait_until_exited(rt.as_ref(), &exit.container_id).await;
+                let _ = tx.send(pod).await;
+            });
         }
     });
 
@@ -266,6 +272,18 @@ async fn wait_for_runtime(
             _ = shutdown.cancelled() => return "unknown".into(),
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
+    }
+}
+
+/// Polls the CRI until it reports the container exited (at most ~2 s).
+async fn wait_until_exited(runtime: &dyn Runtime, id: &str) {
+    let exited = cri::proto::ContainerState::ContainerExited as i32;
+    for _ in 0..200 {
+        match runtime.container_status(id, false).await {
+            Ok(r) if r.status.as_ref().is_some_and(|s| s.state != exited) => {}
+            _ => return,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -117,7 +117,10 @@ async fn stream_once(sources: &Sources, tx: &mpsc::Sender<Exit>) -> Result<Sourc
             }
             return Ok(Source::Cri);
         }
-        Err(e) => e.to_string(),
+        Err(e) => {
+            tracing::debug!(error = %e, "CRI GetContainerEvents not served; trying containerd's events");
+            e.to_string()
+        }
     };
     let Some(socket) = &sources.containerd_socket else {
         return Err(EventsError::Unavailable {

@@ -31,6 +31,10 @@ use crate::kubelet;
 use crate::observe::{Metrics, PhaseLabels, SharedHealth, StartLabels};
 use crate::validation;
 
+/// How old a CREATED, never started container must be before the agent
+/// starts it itself: its creator normally starts it within milliseconds.
+const CREATED_GRACE: Duration = Duration::from_secs(2);
+
 /// A reconcile pass that could not finish; the pod is retried soon.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -251,9 +255,14 @@ impl Agent {
 
         let starting = self.mode.starting() && !terminating(pod);
         let now = Instant::now();
+        let grace = std::time::SystemTime::now()
+            .checked_sub(CREATED_GRACE)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i64);
         let gates = Gates {
             backing_off: self.backing_off(uid, now),
             refused: validation::refusals(pod),
+            resume_created_before: grace.filter(|_| starting),
         };
         let planned = plan::plan(pod, &observed, &gates);
         let mut touched_runtime = false;
@@ -331,6 +340,38 @@ impl Agent {
                     })
                     .inc();
                 false
+            }
+            PlanAction::Resume { name, id } => {
+                tracing::info!(container = %name, %id, "created but never started (its creator stopped half-way); starting it");
+                let result = match self.runtime.start_container(&id).await {
+                    Ok(()) => {
+                        self.events.record(ContainerEvent::new(
+                            pod,
+                            &name,
+                            EventType::Normal,
+                            "Started",
+                            format!("Started container {name}"),
+                        ));
+                        Ok(Started::Adopted { id })
+                    }
+                    Err(e) => {
+                        let message = e.message().replace(&id, &name);
+                        self.events.record(ContainerEvent::new(
+                            pod,
+                            &name,
+                            EventType::Warning,
+                            "Failed",
+                            format!("Error: {message}"),
+                        ));
+                        Err(execute::StartFailure {
+                            reason: execute::reason::RUN_CONTAINER,
+                            message,
+                            retryable: false,
+                            created_id: Some(id),
+                        })
+                    }
+                };
+                self.after_start(pod, uid, &name, "", result)
             }
             PlanAction::Start { name, target_id } => {
                 let Some(c) = pod

@@ -19,11 +19,18 @@ use std::collections::{BTreeMap, HashSet};
 use k8s_openapi::api::core::v1::Pod;
 
 use super::execute::reason;
-use super::observe::Observed;
+use super::observe::{Observed, State};
 
 /// What to do for one ephemeral container in this pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Start a container that was created but never started.
+    Resume {
+        /// Container name.
+        name: String,
+        /// Runtime id.
+        id: String,
+    },
     /// Start it, in the PID namespace of `target_id` when set.
     Start {
         /// Container name.
@@ -59,6 +66,9 @@ pub struct Gates {
     /// Containers refused outright (forbidden fields, mirror pod), with the
     /// message; they never start.
     pub refused: BTreeMap<String, String>,
+    /// Resume CREATED containers created before this time (ns since the
+    /// epoch); `None` never resumes.
+    pub resume_created_before: Option<i64>,
 }
 
 /// Decides what to start.
@@ -92,7 +102,19 @@ pub fn plan(pod: &Pod, observed: &Observed, gates: &Gates) -> Plan {
     let mut actions = Vec::new();
     for c in ecs {
         let name = c.name.as_str();
-        if observed.newest(name).is_some() || ran_per_api.contains(name) {
+        if let Some(existing) = observed.newest(name) {
+            let stale = gates
+                .resume_created_before
+                .is_some_and(|cutoff| existing.created_at < cutoff);
+            if existing.state == State::Created && stale && !gates.backing_off.contains(name) {
+                actions.push(Action::Resume {
+                    name: name.into(),
+                    id: existing.id.clone(),
+                });
+            }
+            continue;
+        }
+        if ran_per_api.contains(name) {
             continue;
         }
         if let Some(message) = gates.refused.get(name) {
@@ -289,6 +311,7 @@ mod tests {
             &Gates {
                 backing_off,
                 refused,
+                ..Default::default()
             },
         );
         assert_eq!(
@@ -301,6 +324,41 @@ mod tests {
                 },
                 start("c", None)
             ]
+        );
+    }
+
+    #[test]
+    fn created_but_never_started_is_resumed_after_the_grace() {
+        let o = observed(true, vec![ctr("dbg", "d1", State::Created, 100)]);
+        let p = pod(vec![ec("dbg", None)]);
+        let gates = |cutoff| Gates {
+            resume_created_before: cutoff,
+            ..Default::default()
+        };
+        assert!(
+            plan(&p, &o, &gates(None)).actions.is_empty(),
+            "observe mode never resumes"
+        );
+        assert!(
+            plan(&p, &o, &gates(Some(50))).actions.is_empty(),
+            "too young: its creator may be starting it"
+        );
+        assert_eq!(
+            plan(&p, &o, &gates(Some(200))).actions,
+            [Action::Resume {
+                name: "dbg".into(),
+                id: "d1".into()
+            }]
+        );
+        let backing_off = HashSet::from(["dbg".to_string()]);
+        let g = Gates {
+            backing_off,
+            resume_created_before: Some(200),
+            ..Default::default()
+        };
+        assert!(
+            plan(&p, &o, &g).actions.is_empty(),
+            "a known start failure is not retried"
         );
     }
 

@@ -1,0 +1,590 @@
+//! End to end: the local API server, the `ephemerald` binary as a separate
+//! process (so it can be SIGKILLed), real containerd + runc, and the real
+//! kubectl. Fails, never skips, when containerd or kubectl is missing.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{app_pod, debug_container};
+use ephemerald::cri::Runtime;
+use ephemerald::cri::proto::ContainerFilter;
+use ephemerald::kubelet;
+use ephemerald::testbed::containerd::ContainerdOpts;
+use ephemerald::testbed::stack::Stack;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The agent binary, killed (SIGKILL) on drop.
+struct AgentProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProc {
+    fn start(stack: &Stack, resync: &str) -> AgentProc {
+        let log = stack.containerd.dir().join(format!(
+            "agent-{}.log",
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let child = Command::new(env!("CARGO_BIN_EXE_ephemerald"))
+            .args(stack.agent_args("start", resync))
+            .env("RUST_LOG", "info,ephemerald=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("agent binary starts");
+        AgentProc { child, log }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn stack(prefix: &str) -> Stack {
+    Stack::start(ContainerdOpts::unique(prefix), "node-e2e")
+        .await
+        .unwrap_or_else(|e| {
+            panic!("testbed did not start (run scripts/install-deps.sh as root): {e}")
+        })
+}
+
+fn status_of(pod: &Pod, name: &str) -> Option<ContainerStatus> {
+    pod.status
+        .as_ref()?
+        .ephemeral_container_statuses
+        .as_ref()?
+        .iter()
+        .find(|s| s.name == name)
+        .cloned()
+}
+
+fn running(pod: &Pod, name: &str) -> Option<ContainerStatus> {
+    status_of(pod, name).filter(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
+}
+
+fn terminated(pod: &Pod, name: &str) -> Option<ContainerStatus> {
+    status_of(pod, name).filter(|s| s.state.as_ref().is_some_and(|st| st.terminated.is_some()))
+}
+
+/// Runtime containers of the pod with this container name.
+async fn runtime_containers(stack: &Stack, pod: &Pod, name: &str) -> Vec<String> {
+    stack
+        .cri
+        .list_containers(Some(ContainerFilter {
+            label_selector: [
+                (
+                    kubelet::POD_UID_LABEL.to_string(),
+                    kubelet::uid(pod).to_string(),
+                ),
+                (kubelet::CONTAINER_NAME_LABEL.to_string(), name.to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect()
+}
+
+fn log_of(stack: &Stack, pod: &Pod, name: &str) -> String {
+    let path = kubelet::container_log_dir(&stack.dirs.pod_logs, pod, name).join("0.log");
+    std::fs::read_to_string(path)
+        .map(|raw| ephemerald::reconcile::observe::cri_log_messages(&raw))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appended_container_runs_with_id_and_start_time_and_sees_the_target() {
+    let stack = stack("e2e-run").await;
+    let _agent = AgentProc::start(&stack, "5s");
+    let (pod, _) = stack.run_pod(app_pod("web")).await.unwrap();
+    stack
+        .add_ephemeral(
+            "default",
+            "web",
+            &debug_container("dbg", Some("app"), "ps; sleep 60"),
+        )
+        .await
+        .unwrap();
+    let st = stack
+        .wait_pod("default", "web", "dbg running", WAIT, |p| running(p, "dbg"))
+        .await
+        .unwrap();
+    let id = st.container_id.clone().expect("containerID");
+    assert!(id.starts_with("containerd://"), "{id}");
+    assert!(st.state.unwrap().running.unwrap().started_at.is_some());
+    assert!(!st.ready);
+    assert_eq!(
+        runtime_containers(&stack, &pod, "dbg").await,
+        [id.trim_start_matches("containerd://")]
+    );
+    let deadline = Instant::now() + WAIT;
+    while !log_of(&stack, &pod, "dbg").contains("/app") {
+        assert!(
+            Instant::now() < deadline,
+            "ps never showed /app: {:?}",
+            log_of(&stack, &pod, "dbg")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let events: Vec<(String, String)> = stack
+        .api
+        .events()
+        .into_iter()
+        .filter(|e| {
+            e.involved_object.field_path.as_deref() == Some("spec.ephemeralContainers{dbg}")
+        })
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect();
+    let reasons: Vec<&str> = events.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(reasons, ["Pulled", "Created", "Started"], "{events:?}");
+    stack.teardown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_3_is_terminated_within_a_second_and_never_restarted() {
+    let stack = stack("e2e-exit").await;
+    let agent = AgentProc::start(&stack, "1s");
+    let (pod, _) = stack.run_pod(app_pod("web")).await.unwrap();
+    stack
+        .add_ephemeral(
+            "default",
+            "web",
+            &debug_container("dbg", Some("app"), "sleep 1; exit 3"),
+        )
+        .await
+        .unwrap();
+    let st = stack
+        .wait_pod("default", "web", "dbg terminated", WAIT, |p| {
+            terminated(p, "dbg")
+        })
+        .await
+        .unwrap();
+    let t = st.state.unwrap().terminated.unwrap();
+    assert_eq!(t.exit_code, 3);
+    assert_eq!(t.reason.as_deref(), Some("Error"));
+    assert!(t.started_at.is_some() && t.finished_at.is_some() && t.container_id.is_some());
+
+    // Reported within a second of the exit (the runtime's own exit time).
+    let id = st
+        .container_id
+        .unwrap()
+        .trim_start_matches("containerd://")
+        .to_string();
+    let finished_ns = stack
+        .cri
+        .container_status(&id, false)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .finished_at;
+    let exited = SystemTime::UNIX_EPOCH + Duration::from_nanos(finished_ns as u64);
+    let reported = stack
+        .api
+        .status_history("default", "web")
+        .into_iter()
+        .find(|r| {
+            r.ephemeral_container_statuses.iter().any(|s| {
+                s.name == "dbg" && s.state.as_ref().is_some_and(|x| x.terminated.is_some())
+            })
+        })
+        .expect("a terminated status write")
+        .at;
+    let lag = reported.duration_since(exited).unwrap_or_default();
+    assert!(
+        lag < Duration::from_secs(1),
+        "terminated status took {lag:?} after the exit; agent log:\n{}",
+        agent.log()
+    );
+
+    // Several resync periods later the runtime still holds exactly that one.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(runtime_containers(&stack, &pod, "dbg").await, [id.clone()]);
+    let final_pod = stack.api.pod("default", "web").unwrap();
+    assert!(terminated(&final_pod, "dbg").is_some(), "still terminated");
+    assert!(
+        stack.api.rejected_status_writes().is_empty(),
+        "{:?}",
+        stack.api.rejected_status_writes()
+    );
+    stack.teardown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_container_added_later_leaves_the_first_untouched_and_sorted() {
+    let stack = stack("e2e-second").await;
+    let _agent = AgentProc::start(&stack, "5s");
+    stack.run_pod(app_pod("web")).await.unwrap();
+    stack
+        .add_ephemeral(
+            "default",
+            "web",
+            &debug_container("zz", Some("app"), "sleep 60"),
+        )
+        .await
+        .unwrap();
+    let first = stack
+        .wait_pod("default", "web", "zz running", WAIT, |p| running(p, "zz"))
+        .await
+        .unwrap();
+    stack
+        .add_ephemeral("default", "web", &debug_container("aa", None, "sleep 60"))
+        .await
+        .unwrap();
+    let pod = stack
+        .wait_pod("default", "web", "aa running", WAIT, |p| {
+            running(p, "aa").map(|_| p.clone())
+        })
+        .await
+        .unwrap();
+    let statuses = pod.status.unwrap().ephemeral_container_statuses.unwrap();
+    let names: Vec<&str> = statuses.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["aa", "zz"], "sorted by name");
+    assert_eq!(statuses[1], first, "the first status is untouched");
+    stack.teardown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_after_create_and_restarted_makes_no_duplicate() {
+    let stack = stack("e2e-kill").await;
+    let mut agent = AgentProc::start(&stack, "1s");
+    let (pod, _) = stack.run_pod(app_pod("web")).await.unwrap();
+    stack
+        .add_ephemeral(
+            "default",
+            "web",
+            &debug_container("dbg", Some("app"), "sleep 60"),
+        )
+        .await
+        .unwrap();
+    // SIGKILL as soon as the runtime holds the container.
+    let deadline = Instant::now() + WAIT;
+    while runtime_containers(&stack, &pod, "dbg").await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "never created; agent log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    agent.kill();
+    let before = runtime_containers(&stack, &pod, "dbg").await;
+
+    // Depending on where the kill landed the runtime holds it created,
+    // running, or exited (containerd aborts a start whose caller vanished:
+    // exit 128, StartError). Whatever it is, the restarted agent must not
+    // create another one, and the API status must converge on the runtime's
+    // state: running (a created one is started) or terminated with its code.
+    let agent2 = AgentProc::start(&stack, "1s");
+    let id = before[0].clone();
+    let converged = stack
+        .wait_pod(
+            "default",
+            "web",
+            "dbg converged after the restart",
+            WAIT,
+            |p| {
+                let st = status_of(p, "dbg")?;
+                let state = st.state.as_ref()?;
+                (state.running.is_some() || state.terminated.is_some()).then_some(st)
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent2.log()));
+    assert_eq!(
+        converged.container_id.as_deref(),
+        Some(format!("containerd://{id}").as_str())
+    );
+    let runtime = stack
+        .cri
+        .container_status(&id, false)
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    match converged.state.unwrap().terminated {
+        Some(t) => assert_eq!(
+            t.exit_code, runtime.exit_code,
+            "terminated as the runtime says"
+        ),
+        None => assert_eq!(
+            runtime.state,
+            ephemerald::cri::proto::ContainerState::ContainerRunning as i32
+        ),
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        runtime_containers(&stack, &pod, "dbg").await,
+        before,
+        "no duplicate"
+    );
+    assert_eq!(before.len(), 1);
+    stack.teardown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_but_never_started_container_is_started_not_duplicated() {
+    let stack = stack("e2e-created").await;
+    let (pod, running) = stack.run_pod(app_pod("web")).await.unwrap();
+    // An agent that died between CreateContainer and StartContainer left this.
+    let dbg = debug_container("dbg", Some("app"), "sleep 60");
+    let stored = stack.api.pod("default", "web").unwrap();
+    let mut with_dbg = stored.clone();
+    with_dbg.spec.as_mut().unwrap().ephemeral_containers = Some(vec![dbg.clone()]);
+    let image = stack
+        .cri
+        .image_status(ephemerald::cri::proto::ImageSpec {
+            image: ephemerald::testbed::images::BUSYBOX_IMAGE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let config = ephemerald::reconcile::translate::container_config(
+        &ephemerald::reconcile::translate::Inputs {
+            pod: &with_dbg,
+            container: &dbg,
+            target_id: Some(&running.containers["app"]),
+            image: &ephemerald::reconcile::translate::ResolvedImage {
+                id: image.id,
+                ..Default::default()
+            },
+            attempt: 0,
+            host_files: &Default::default(),
+            node: &stack.dirs,
+        },
+    )
+    .unwrap();
+    let id = stack
+        .cri
+        .create_container(&running.sandbox_id, config, running.sandbox_config.clone())
+        .await
+        .unwrap();
+    stack.add_ephemeral("default", "web", &dbg).await.unwrap();
+
+    let agent = AgentProc::start(&stack, "1s");
+    let st = stack
+        .wait_pod("default", "web", "dbg running", WAIT, |p| running_status(p))
+        .await
+        .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+    assert_eq!(
+        st.container_id.as_deref(),
+        Some(format!("containerd://{id}").as_str())
+    );
+    assert_eq!(runtime_containers(&stack, &pod, "dbg").await, [id]);
+    assert!(agent.log().contains("created but never started"));
+    stack.teardown().await.unwrap();
+}
+
+fn running_status(p: &Pod) -> Option<ContainerStatus> {
+    running(p, "dbg")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_watch_while_a_container_is_appended_still_starts_it() {
+    let stack = stack("e2e-watch").await;
+    let agent = AgentProc::start(&stack, "30s");
+    stack.run_pod(app_pod("web")).await.unwrap();
+    stack
+        .add_ephemeral(
+            "default",
+            "web",
+            &debug_container("first", None, "sleep 60"),
+        )
+        .await
+        .unwrap();
+    stack
+        .wait_pod("default", "web", "first running", WAIT, |p| {
+            running(p, "first")
+        })
+        .await
+        .unwrap();
+    // The server goes away (every watch breaks) and forgets its history, so
+    // the agent's resume gets 410 Gone and must relist; meanwhile a
+    // container is appended.
+    stack.api.compact();
+    stack.api.restart().await;
+    stack
+        .add_ephemeral(
+            "default",
+            "web",
+            &debug_container("second", None, "sleep 60"),
+        )
+        .await
+        .unwrap();
+    stack
+        .wait_pod("default", "web", "second running", WAIT, |p| {
+            running(p, "second")
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+    stack.teardown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_image_with_never_is_err_image_never_pull_and_others_run() {
+    let stack = stack("e2e-never").await;
+    let _agent = AgentProc::start(&stack, "5s");
+    stack.run_pod(app_pod("web")).await.unwrap();
+    let mut missing = debug_container("missing", Some("app"), "true");
+    missing.image = Some("ephemerald.local/nope:1.0".into());
+    stack
+        .add_ephemeral("default", "web", &missing)
+        .await
+        .unwrap();
+    stack
+        .add_ephemeral(
+            "default",
+            "web",
+            &debug_container("fine", Some("app"), "sleep 60"),
+        )
+        .await
+        .unwrap();
+    let waiting = stack
+        .wait_pod("default", "web", "ErrImageNeverPull", WAIT, |p| {
+            let w = status_of(p, "missing")?.state?.waiting?;
+            (w.reason.as_deref() == Some("ErrImageNeverPull")).then_some(w)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        waiting.message.as_deref(),
+        Some(
+            "Container image \"ephemerald.local/nope:1.0\" is not present with pull policy of Never"
+        )
+    );
+    stack
+        .wait_pod("default", "web", "fine running", WAIT, |p| {
+            running(p, "fine")
+        })
+        .await
+        .unwrap();
+    assert!(
+        stack
+            .api
+            .events()
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ErrImageNeverPull")
+                && e.involved_object.field_path.as_deref()
+                    == Some("spec.ephemeralContainers{missing}"))
+    );
+    stack.teardown().await.unwrap();
+}
+
+/// The official kubectl, installed by the project's script (never skipped).
+fn kubectl() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin = root.join(".tools/bin/kubectl");
+    if !bin.exists() {
+        let ok = Command::new(root.join("scripts/install-kubectl.sh"))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok && bin.exists(),
+            "kubectl could not be installed by scripts/install-kubectl.sh"
+        );
+    }
+    bin
+}
+
+fn run_kubectl(stack: &Stack, home: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(kubectl())
+        .args(["--kubeconfig", &stack.kubeconfig.display().to_string()])
+        .args(args)
+        .env("HOME", home)
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_debug_is_started_by_the_agent_and_kubectl_sees_its_status() {
+    let stack = stack("e2e-kubectl").await;
+    let _agent = AgentProc::start(&stack, "5s");
+    let (pod, _) = stack.run_pod(app_pod("web")).await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let image = ephemerald::testbed::images::BUSYBOX_IMAGE;
+    let out = run_kubectl(
+        &stack,
+        home.path(),
+        &[
+            "debug",
+            "web",
+            &format!("--image={image}"),
+            "--image-pull-policy=Never",
+            "--target=app",
+            "-c",
+            "dbg",
+            "--",
+            "sh",
+            "-c",
+            "ps",
+        ],
+    );
+    assert!(out.contains("Targeting container \"app\""), "{out}");
+    stack
+        .wait_pod("default", "web", "dbg terminated", WAIT, |p| {
+            terminated(p, "dbg")
+        })
+        .await
+        .unwrap();
+    let code = run_kubectl(
+        &stack,
+        home.path(),
+        &[
+            "get",
+            "pod",
+            "web",
+            "-o",
+            "jsonpath={.status.ephemeralContainerStatuses[?(@.name==\"dbg\")].state.terminated.exitCode}",
+        ],
+    );
+    assert_eq!(code.trim(), "0");
+    let target = run_kubectl(
+        &stack,
+        home.path(),
+        &[
+            "get",
+            "pod",
+            "web",
+            "-o",
+            "jsonpath={.spec.ephemeralContainers[0].targetContainerName}",
+        ],
+    );
+    assert_eq!(target.trim(), "app");
+    assert!(
+        log_of(&stack, &pod, "dbg").contains("/app"),
+        "ps in the app's PID namespace"
+    );
+    stack.teardown().await.unwrap();
+}
