@@ -222,7 +222,10 @@ async fn exit_3_is_terminated_within_a_second_and_never_restarted() {
 
     // Several resync periods later the runtime still holds exactly that one.
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    assert_eq!(runtime_containers(&stack, &pod, "dbg").await, [id.clone()]);
+    assert_eq!(
+        runtime_containers(&stack, &pod, "dbg").await,
+        std::slice::from_ref(&id)
+    );
     let final_pod = stack.api.pod("default", "web").unwrap();
     assert!(terminated(&final_pod, "dbg").is_some(), "still terminated");
     assert!(
@@ -387,7 +390,7 @@ async fn created_but_never_started_container_is_started_not_duplicated() {
 
     let agent = AgentProc::start(&stack, "1s");
     let st = stack
-        .wait_pod("default", "web", "dbg running", WAIT, |p| running_status(p))
+        .wait_pod("default", "web", "dbg running", WAIT, running_status)
         .await
         .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
     assert_eq!(
