@@ -148,6 +148,9 @@ async fn containerd_exits(
         .map_err(|_| format!("connecting to {} timed out", socket.display()))?
         .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
     let mut client = EventsClient::new(channel);
+    // containerd answers the subscription only with its first event; from
+    // here on exits are delivered.
+    tracing::info!(socket = %socket.display(), namespace, "exit events: subscribing to containerd /tasks/exit");
     let req = SubscribeRequest {
         filters: vec![format!("topic==\"/tasks/exit\",namespace=={namespace}")],
     };
@@ -156,7 +159,6 @@ async fn containerd_exits(
         .await
         .map_err(|s| format!("subscribe: {}", s.message()))?
         .into_inner();
-    tracing::info!(socket = %socket.display(), namespace, "exit events: containerd /tasks/exit");
     while let Some(item) = stream.next().await {
         let envelope = item.map_err(|s| format!("event stream: {}", s.message()))?;
         let Some(any) = envelope.event else { continue };

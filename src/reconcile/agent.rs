@@ -134,6 +134,7 @@ struct PodMemory {
     failures: BTreeMap<String, FailureEntry>,
     timelines: BTreeMap<String, Timeline>,
     last_written: Option<Vec<ContainerStatus>>,
+    runtime_down_reported: bool,
     sandbox_details: Option<(String, SandboxDetails)>,
 }
 
@@ -243,10 +244,23 @@ impl Agent {
             .unwrap_or_default();
         let names: HashSet<&str> = ecs.iter().map(|c| c.name.as_str()).collect();
         let observed = match observe::observe(self.runtime.as_ref(), uid, &names).await {
-            Ok(o) => o,
+            Ok(o) => {
+                let mut h = lock(&self.health);
+                if h.runtime.is_err() {
+                    tracing::info!("container runtime answers again");
+                    h.runtime = Ok(self.runtime_name.clone());
+                }
+                drop(h);
+                lock(&self.memory)
+                    .entry(uid.to_string())
+                    .or_default()
+                    .runtime_down_reported = false;
+                o
+            }
             Err(e) => {
                 self.metrics.reconcile_errors.inc();
                 lock(&self.health).runtime = Err(e.to_string());
+                self.report_runtime_down(pod, uid, &e);
                 return Err(e.into());
             }
         };
@@ -300,6 +314,49 @@ impl Agent {
             }
         }
         Ok(Action::requeue(self.next_pass(uid, Instant::now())))
+    }
+
+    /// The runtime did not answer: say so once per outage on every ephemeral
+    /// container of the pod that has not run yet (it cannot start now).
+    fn report_runtime_down(&self, pod: &Pod, uid: &str, e: &CriError) {
+        if e.code() != Some(tonic::Code::Unavailable)
+            && e.code() != Some(tonic::Code::DeadlineExceeded)
+        {
+            return;
+        }
+        {
+            let mut mem = lock(&self.memory);
+            let m = mem.entry(uid.to_string()).or_default();
+            if m.runtime_down_reported {
+                return;
+            }
+            m.runtime_down_reported = true;
+        }
+        let ran: HashSet<&str> = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.ephemeral_container_statuses.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .filter(|s| s.container_id.is_some())
+            .map(|s| s.name.as_str())
+            .collect();
+        for c in pod
+            .spec
+            .iter()
+            .flat_map(|s| s.ephemeral_containers.iter().flatten())
+        {
+            if !ran.contains(c.name.as_str()) {
+                self.events.record(ContainerEvent::new(
+                    pod,
+                    &c.name,
+                    EventType::Warning,
+                    "Failed",
+                    format!("Error: container runtime is unavailable: {}", e.message()),
+                ));
+            }
+        }
+        tracing::error!(error = %e, "container runtime unavailable");
     }
 
     /// Carries out one planned action; returns whether the runtime changed.
