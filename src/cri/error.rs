@@ -61,6 +61,20 @@ impl CriError {
         }
     }
 
+    /// The error as Go's gRPC prints it: `rpc error: code = NotFound desc = …`.
+    pub fn go_status_text(&self) -> String {
+        match self {
+            CriError::Status { code, message, .. } => {
+                let name = match code {
+                    Code::Cancelled => "Canceled".to_string(),
+                    other => format!("{other:?}"),
+                };
+                format!("rpc error: code = {name} desc = {message}")
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// Whether the same call may succeed later without anything in the request
     /// changing. The runtime being down, slow or busy, or refusing because of a
     /// state that can change (a target container not running yet, which
@@ -154,6 +168,18 @@ mod tests {
         );
         assert!(e.is_name_reserved());
         assert!(!status(Code::Unknown, "other").is_name_reserved());
+    }
+
+    #[test]
+    fn go_status_text_spells_codes_like_go() {
+        assert_eq!(
+            status(Code::NotFound, "no such image").go_status_text(),
+            "rpc error: code = NotFound desc = no such image"
+        );
+        assert_eq!(
+            status(Code::Cancelled, "x").go_status_text(),
+            "rpc error: code = Canceled desc = x"
+        );
     }
 
     #[test]

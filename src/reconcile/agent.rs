@@ -127,6 +127,7 @@ struct FailureEntry {
     /// An image pull failed: while backing off, show ImagePullBackOff.
     pull_failed: bool,
     image: String,
+    shown: bool,
 }
 
 #[derive(Debug, Default)]
@@ -412,17 +413,16 @@ impl Agent {
                         Ok(Started::Adopted { id })
                     }
                     Err(e) => {
-                        let message = e.message().replace(&id, &name);
                         self.events.record(ContainerEvent::new(
                             pod,
                             &name,
                             EventType::Warning,
                             "Failed",
-                            format!("Error: {message}"),
+                            format!("Error: {}", e.message().replace(&id, &name)),
                         ));
                         Err(execute::StartFailure {
                             reason: execute::reason::RUN_CONTAINER,
-                            message,
+                            message: e.message(),
                             retryable: false,
                             created_id: Some(id),
                         })
@@ -569,6 +569,7 @@ impl Agent {
                 backoff,
                 pull_failed: f.reason == execute::reason::ERR_IMAGE_PULL,
                 image: image.to_string(),
+                shown: false,
             },
         );
         first
@@ -597,7 +598,11 @@ impl Agent {
         let mut out = BTreeMap::new();
         for (name, f) in m.failures.iter_mut() {
             let waiting = f.retry_at.is_some_and(|t| t > now);
-            if f.pull_failed && waiting && f.failure.reason == execute::reason::ERR_IMAGE_PULL {
+            if f.pull_failed
+                && waiting
+                && f.shown
+                && f.failure.reason == execute::reason::ERR_IMAGE_PULL
+            {
                 let previous = f.failure.message.clone();
                 f.failure = Failure {
                     reason: execute::reason::IMAGE_PULL_BACK_OFF.into(),
@@ -614,6 +619,7 @@ impl Agent {
                     format!("Back-off pulling image {:?}", f.image),
                 ));
             }
+            f.shown = true;
             out.insert(name.clone(), f.failure.clone());
         }
         out

@@ -178,12 +178,11 @@ pub async fn start(
 
     let t2 = Instant::now();
     if let Err(e) = cx.runtime.start_container(&id).await {
-        // The kubelet replaces the id with the name in what it reports.
-        let msg = e.message().replace(&id, &c.name);
-        fail_event(&msg);
+        // The kubelet names the container instead of its id in the Event.
+        fail_event(&e.message().replace(&id, &c.name));
         return Err(StartFailure {
             created_id: Some(id),
-            ..StartFailure::new(reason::RUN_CONTAINER, msg, false)
+            ..StartFailure::new(reason::RUN_CONTAINER, e.message(), false)
         });
     }
     let start_took = t2.elapsed();
@@ -328,7 +327,14 @@ async fn ensure_image(
         }
     }
     let Some(image_ref) = image_ref else {
-        let e = last_err.map(|e| e.message()).unwrap_or_default();
+        // The kubelet's CRI client keeps gRPC's "rpc error: code = … desc = …"
+        // wording for every pull error but UNKNOWN.
+        let e = last_err
+            .map(|e| match e.code() {
+                Some(tonic::Code::Unknown) | None => e.message(),
+                Some(_) => e.go_status_text(),
+            })
+            .unwrap_or_default();
         event(
             EventType::Warning,
             "Failed",

@@ -94,8 +94,7 @@ pub fn ephemeral_statuses(
                             }
                         }
                         State::Exited => {
-                            may_show_failure = false;
-                            ContainerState {
+                            let terminated = ContainerState {
                                 terminated: Some(ContainerStateTerminated {
                                     container_id: st.container_id.clone(),
                                     exit_code: rc.exit_code,
@@ -106,6 +105,17 @@ pub fn ephemeral_statuses(
                                     signal: None,
                                 }),
                                 ..Default::default()
+                            };
+                            let start_failed = failures
+                                .get(&c.name)
+                                .is_some_and(|f| f.reason == super::execute::reason::RUN_CONTAINER);
+                            let never = spec.restart_policy.as_deref() == Some("Never");
+                            if start_failed && !never {
+                                st.last_state = Some(terminated);
+                                waiting_empty()
+                            } else {
+                                may_show_failure = false;
+                                terminated
                             }
                         }
                         State::Created | State::Unknown => waiting_empty(),
@@ -321,6 +331,31 @@ mod tests {
         )]);
         let s = status(&pod(&["dbg"]), &o, &f);
         assert_eq!(waiting_reason(&s[0]), Some("RunContainerError"));
+    }
+
+    #[test]
+    fn failed_start_shows_run_container_error_with_the_exit_as_last_state() {
+        // containerd leaves a container whose start failed EXITED 128 StartError.
+        let mut exited = rc("dbg", State::Exited);
+        exited.exit_code = 128;
+        exited.reason = "StartError".into();
+        let f = BTreeMap::from([(
+            "dbg".to_string(),
+            Failure {
+                reason: "RunContainerError".into(),
+                message: "runc create failed".into(),
+            },
+        )]);
+        let s = status(&pod(&["dbg"]), &observed(vec![exited.clone()]), &f);
+        assert_eq!(waiting_reason(&s[0]), Some("RunContainerError"));
+        let last = s[0].last_state.as_ref().unwrap().terminated.as_ref().unwrap();
+        assert_eq!((last.exit_code, last.reason.as_deref()), (128, Some("StartError")));
+
+        // With restartPolicy Never the kubelet reports the exit itself.
+        let mut never = pod(&["dbg"]);
+        never.spec.as_mut().unwrap().restart_policy = Some("Never".into());
+        let s = status(&never, &observed(vec![exited]), &f);
+        assert!(s[0].state.as_ref().unwrap().terminated.is_some());
     }
 
     #[test]
