@@ -213,12 +213,22 @@ pub async fn run_with_client(
     let synced = health.clone();
     let cancel = shutdown.clone();
     tasks.spawn(async move {
-        tokio::select! {
-            ready = store.wait_until_ready() => if ready.is_ok() {
-                lock(&synced).pods_synced = true;
-                tracing::info!("pod list synced");
-            },
-            _ = cancel.cancelled() => {}
+        // kube's store readiness wakes only its latest waiter (the
+        // controller's own), so look again now and then instead of waiting.
+        loop {
+            let ready = tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready());
+            tokio::select! {
+                r = ready => match r {
+                    Ok(Ok(())) => {
+                        lock(&synced).pods_synced = true;
+                        tracing::info!("pod list synced");
+                        return;
+                    }
+                    Ok(Err(_)) => return,
+                    Err(_) => {}
+                },
+                _ = cancel.cancelled() => return,
+            }
         }
     });
 

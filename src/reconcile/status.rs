@@ -348,8 +348,17 @@ mod tests {
         )]);
         let s = status(&pod(&["dbg"]), &observed(vec![exited.clone()]), &f);
         assert_eq!(waiting_reason(&s[0]), Some("RunContainerError"));
-        let last = s[0].last_state.as_ref().unwrap().terminated.as_ref().unwrap();
-        assert_eq!((last.exit_code, last.reason.as_deref()), (128, Some("StartError")));
+        let last = s[0]
+            .last_state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (last.exit_code, last.reason.as_deref()),
+            (128, Some("StartError"))
+        );
 
         // With restartPolicy Never the kubelet reports the exit itself.
         let mut never = pod(&["dbg"]);
