@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio_util::sync::CancellationToken;
 
-const ROUNDS: usize = 15;
+const ROUNDS: usize = 21;
 
 fn debug(name: &str) -> EphemeralContainer {
     EphemeralContainer {
@@ -98,72 +98,87 @@ async fn main() {
     let events = MemoryEvents::default();
 
     let (mut direct, mut via_agent, mut e2e) = (vec![], vec![], vec![]);
+    let (mut create, mut start) = (vec![], vec![]);
     for round in 0..ROUNDS {
-        // direct
-        let c = debug(&format!("direct-{round}"));
-        let cfg = translate::container_config(&translate::Inputs {
-            pod: &p,
-            container: &c,
-            target_id: Some(&app_id),
-            image: &resolved,
-            attempt: 0,
-            host_files: &HostFiles::default(),
-            node: &stack.dirs,
-        })
-        .unwrap();
-        let t = Instant::now();
-        let id = rt
-            .create_container(&running.sandbox_id, cfg, running.sandbox_config.clone())
-            .await
-            .unwrap();
-        rt.start_container(&id).await.unwrap();
-        direct.push(t.elapsed());
-
-        // agent start path
-        let c = debug(&format!("agent-{round}"));
-        let cx = StartContext {
-            runtime: rt.as_ref() as &dyn Runtime,
-            events: &events,
-            dirs: &stack.dirs,
-            sandbox_id: &running.sandbox_id,
-            sandbox_config: &running.sandbox_config,
-            pull_auths: &[],
-        };
-        let t = Instant::now();
-        execute::start(&cx, &p, &c, Some(&app_id)).await.unwrap();
-        via_agent.push(t.elapsed());
-
-        // end to end through the API server
-        let name = format!("e2e-{round}");
-        let t = Instant::now();
-        stack
-            .add_ephemeral("default", "bench", &debug(&name))
-            .await
-            .unwrap();
-        stack
-            .wait_pod(
-                "default",
-                "bench",
-                "running",
-                Duration::from_secs(30),
-                |pod| {
-                    pod.status
-                        .as_ref()?
-                        .ephemeral_container_statuses
-                        .as_ref()?
-                        .iter()
-                        .find(|s| s.name == name)?
-                        .state
-                        .as_ref()?
-                        .running
-                        .as_ref()
-                        .map(|_| ())
-                },
-            )
-            .await
-            .unwrap();
-        e2e.push(t.elapsed());
+        // Rotate the order so warm-up and drift hit every variant alike.
+        for variant in (0..3).map(|k| (k + round) % 3) {
+            match variant {
+                0 => {
+                    let c = debug(&format!("direct-{round}"));
+                    let cfg = translate::container_config(&translate::Inputs {
+                        pod: &p,
+                        container: &c,
+                        target_id: Some(&app_id),
+                        image: &resolved,
+                        attempt: 0,
+                        host_files: &HostFiles::default(),
+                        node: &stack.dirs,
+                    })
+                    .unwrap();
+                    let t = Instant::now();
+                    let id = rt
+                        .create_container(&running.sandbox_id, cfg, running.sandbox_config.clone())
+                        .await
+                        .unwrap();
+                    let created = t.elapsed();
+                    rt.start_container(&id).await.unwrap();
+                    direct.push(t.elapsed());
+                    create.push(created);
+                    start.push(t.elapsed() - created);
+                }
+                1 => {
+                    let c = debug(&format!("agent-{round}"));
+                    let cx = StartContext {
+                        runtime: rt.as_ref() as &dyn Runtime,
+                        events: &events,
+                        dirs: &stack.dirs,
+                        sandbox_id: &running.sandbox_id,
+                        sandbox_config: &running.sandbox_config,
+                        pull_auths: &[],
+                    };
+                    let t = Instant::now();
+                    execute::start(&cx, &p, &c, Some(&app_id)).await.unwrap();
+                    via_agent.push(t.elapsed());
+                }
+                _ => {
+                    let name = format!("e2e-{round}");
+                    let t = Instant::now();
+                    stack
+                        .add_ephemeral("default", "bench", &debug(&name))
+                        .await
+                        .unwrap();
+                    stack
+                        .wait_pod(
+                            "default",
+                            "bench",
+                            "running",
+                            Duration::from_secs(30),
+                            |pod| {
+                                pod.status
+                                    .as_ref()?
+                                    .ephemeral_container_statuses
+                                    .as_ref()?
+                                    .iter()
+                                    .find(|s| s.name == name)?
+                                    .state
+                                    .as_ref()?
+                                    .running
+                                    .as_ref()
+                                    .map(|_| ())
+                            },
+                        )
+                        .await
+                        .unwrap();
+                    e2e.push(t.elapsed());
+                }
+            }
+        }
     }
+    println!(
+        "CRI calls alone: CreateContainer median {:.1} ms, StartContainer median {:.1} ms",
+        median(create).as_secs_f64() * 1e3,
+        median(start).as_secs_f64() * 1e3
+    );
     cancel.cancel();
     let _ = agent.await;
 
