@@ -333,11 +333,7 @@ impl Agent {
             }
             m.runtime_down_reported = true;
         }
-        let ran: HashSet<&str> = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.ephemeral_container_statuses.as_deref())
-            .unwrap_or_default()
+        let ran: HashSet<&str> = super::status::api_statuses(pod)
             .iter()
             .filter(|s| s.container_id.is_some())
             .map(|s| s.name.as_str())
@@ -657,11 +653,7 @@ impl Agent {
     fn record_timelines(&self, pod: &Pod, observed: &Observed, now: SystemTime) {
         let uid = kubelet::uid(pod);
         let pod_key = format!("{}/{}", kubelet::namespace(pod), kubelet::name(pod));
-        let api: BTreeMap<&str, &ContainerStatus> = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.ephemeral_container_statuses.as_deref())
-            .unwrap_or_default()
+        let api: BTreeMap<&str, &ContainerStatus> = super::status::api_statuses(pod)
             .iter()
             .map(|s| (s.name.as_str(), s))
             .collect();

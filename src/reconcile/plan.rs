@@ -89,11 +89,7 @@ pub fn plan(pod: &Pod, observed: &Observed, gates: &Gates) -> Plan {
             actions: vec![],
         };
     }
-    let ran_per_api: HashSet<&str> = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.ephemeral_container_statuses.as_deref())
-        .unwrap_or_default()
+    let ran_per_api: HashSet<&str> = super::status::api_statuses(pod)
         .iter()
         .filter(|s| s.container_id.as_deref().is_some_and(|id| !id.is_empty()))
         .map(|s| s.name.as_str())

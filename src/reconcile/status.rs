@@ -42,11 +42,7 @@ pub fn ephemeral_statuses(
         return vec![];
     };
     let has_init = spec.init_containers.as_ref().is_some_and(|v| !v.is_empty());
-    let old: BTreeMap<&str, &ContainerStatus> = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.ephemeral_container_statuses.as_deref())
-        .unwrap_or_default()
+    let old: BTreeMap<&str, &ContainerStatus> = api_statuses(pod)
         .iter()
         .map(|s| (s.name.as_str(), s))
         .collect();
@@ -157,6 +153,14 @@ pub fn ephemeral_statuses(
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// The `ephemeralContainerStatuses` the API server holds for the pod.
+pub fn api_statuses(pod: &Pod) -> &[ContainerStatus] {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.ephemeral_container_statuses.as_deref())
+        .unwrap_or_default()
 }
 
 /// Whether the list differs from what the API holds (ignoring order-free
