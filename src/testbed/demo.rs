@@ -159,6 +159,18 @@ async fn demo_body(stack: &Stack, say: &dyn Fn(String)) -> Result<Report, DemoEr
 
         say("\nstatus transitions of the debug container, as the API server accepted them:".into());
         let history = stack.api.status_history("default", POD);
+        if let Some(spec) = stack
+            .api
+            .spec_history("default", POD)
+            .iter()
+            .find(|r| r.names.iter().any(|n| n == DEBUG))
+        {
+            say(format!(
+                "  +{:>8.1} ms  rv {:>4}  spec.ephemeralContainers gains {DEBUG} (no status yet)",
+                ms(patch_sent, spec.at),
+                spec.resource_version
+            ));
+        }
         let mut last = String::new();
         for rec in &history {
             let now = describe(rec.ephemeral_container_statuses.iter().find(|s| s.name == DEBUG));
