@@ -232,6 +232,22 @@ pub async fn run_with_client(
         }
     });
 
+    // Forget deleted pods once per resync.
+    let (prune_store, prune_agent, cancel, every) = (
+        controller.store(),
+        agent.clone(),
+        shutdown.clone(),
+        config.resync,
+    );
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(every) => prune_agent.retain_pods(&prune_store.state()),
+            }
+        }
+    });
+
     let error_policy = |_pod: Arc<Pod>, err: &ReconcileError, _agent: Arc<Agent>| {
         tracing::warn!(error = %err, "reconcile failed; retrying");
         Action::requeue(Duration::from_secs(2))

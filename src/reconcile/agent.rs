@@ -134,7 +134,9 @@ struct FailureEntry {
 struct PodMemory {
     failures: BTreeMap<String, FailureEntry>,
     timelines: BTreeMap<String, Timeline>,
-    last_written: Option<Vec<ContainerStatus>>,
+    /// The pod's resourceVersion when we last wrote, and what we wrote: the
+    /// cache may not show our write yet, and writing it again is waste.
+    last_written: Option<(String, Vec<ContainerStatus>)>,
     runtime_down_reported: bool,
     sandbox_details: Option<(String, SandboxDetails)>,
 }
@@ -209,6 +211,18 @@ impl Agent {
     /// container the agent has seen.
     pub fn owner_of(&self, container_id: &str) -> Option<ObjectRef<Pod>> {
         lock(&self.exits).get(container_id).cloned()
+    }
+
+    /// Forgets pods that are gone (the watch no longer lists them), so
+    /// memory does not grow with every pod the node ever ran.
+    pub fn retain_pods(&self, live: &[Arc<Pod>]) {
+        let uids: HashSet<&str> = live.iter().map(|p| kubelet::uid(p)).collect();
+        let refs: HashSet<ObjectRef<Pod>> = live
+            .iter()
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect();
+        lock(&self.memory).retain(|uid, _| uids.contains(uid.as_str()));
+        lock(&self.exits).retain(|_, pod| refs.contains(pod));
     }
 
     /// Every timeline recorded so far.
@@ -299,10 +313,12 @@ impl Agent {
             let failures = self.displayed_failures(pod, uid, Instant::now());
             let statuses =
                 status::ephemeral_statuses(pod, &observed, &failures, &self.runtime_name);
+            let rv = pod.metadata.resource_version.clone().unwrap_or_default();
             let already = lock(&self.memory)
                 .get(uid)
-                .and_then(|m| m.last_written.clone());
-            if status::changed(pod, &statuses) && already.as_ref() != Some(&statuses) {
+                .and_then(|m| m.last_written.clone())
+                .is_some_and(|(at, written)| at == rv && written == statuses);
+            if status::changed(pod, &statuses) && !already {
                 self.cluster
                     .patch_ephemeral_statuses(pod, &statuses)
                     .await?;
@@ -311,7 +327,7 @@ impl Agent {
                 lock(&self.memory)
                     .entry(uid.to_string())
                     .or_default()
-                    .last_written = Some(statuses);
+                    .last_written = Some((rv, statuses));
             }
         }
         Ok(Action::requeue(self.next_pass(uid, Instant::now())))
