@@ -166,8 +166,11 @@ pub async fn run_with_client(
         let listener_health = health.clone();
         let m = metrics.clone();
         let cancel = shutdown.clone();
+        let source = agent.clone();
+        let timelines: observe::TimelineSource =
+            Arc::new(move || serde_json::to_value(source.timelines()).unwrap_or_default());
         tasks.spawn(async move {
-            if let Err(e) = observe::serve(addr, listener_health, m, cancel).await {
+            if let Err(e) = observe::serve(addr, listener_health, m, timelines, cancel).await {
                 tracing::error!(error = %e, %addr, "health endpoint failed");
             }
         });

@@ -129,6 +129,12 @@ async fn readyz_reports_the_mode_and_sigterm_drains_leaving_containers_alone() {
     let (code, metrics) = get(&format!("http://{health}/metrics")).await.unwrap();
     assert_eq!(code, 200);
     assert!(metrics.contains("ephemerald_starting 1"), "{metrics}");
+    let (code, timelines) = get(&format!("http://{health}/timelines")).await.unwrap();
+    assert_eq!(
+        (code, timelines.as_str()),
+        (200, "[]"),
+        "no ephemeral container yet"
+    );
 
     fake.clear_calls();
     nix::sys::signal::kill(

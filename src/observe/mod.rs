@@ -164,14 +164,26 @@ impl Health {
     }
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` until cancelled.
+/// Produces the JSON served at `/timelines`.
+pub type TimelineSource = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// Serves `/healthz`, `/readyz`, `/metrics` and `/timelines` (each
+/// ephemeral container's timeline, whoever started it) until cancelled.
 pub async fn serve(
     addr: SocketAddr,
     health: SharedHealth,
     metrics: Arc<Metrics>,
+    timelines: TimelineSource,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
+        .route(
+            "/timelines",
+            get(move || {
+                let t = timelines.clone();
+                async move { axum::Json(t()) }
+            }),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
@@ -193,7 +205,7 @@ pub async fn serve(
         )
         .with_state((health, metrics));
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /readyz, /metrics");
+    tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /readyz, /metrics, /timelines");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await

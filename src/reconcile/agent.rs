@@ -67,17 +67,38 @@ pub struct Timeline {
     /// Who created it (unknown until created).
     pub creator: Option<Creator>,
     /// The agent first saw it in the pod spec.
+    #[serde(serialize_with = "rfc3339")]
     pub seen: SystemTime,
     /// The runtime created it.
+    #[serde(serialize_with = "rfc3339_opt")]
     pub created: Option<SystemTime>,
     /// The runtime started it.
+    #[serde(serialize_with = "rfc3339_opt")]
     pub started: Option<SystemTime>,
     /// The runtime reports it exited.
+    #[serde(serialize_with = "rfc3339_opt")]
     pub exited: Option<SystemTime>,
     /// The API status first showed it running.
+    #[serde(serialize_with = "rfc3339_opt")]
     pub api_running: Option<SystemTime>,
     /// The API status first showed it terminated.
+    #[serde(serialize_with = "rfc3339_opt")]
     pub api_terminated: Option<SystemTime>,
+}
+
+/// RFC 3339 with nanoseconds, e.g. `2026-11-22T04:02:25.606919465Z`.
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    match k8s_openapi::jiff::Timestamp::try_from(*t) {
+        Ok(ts) => s.serialize_str(&ts.to_string()),
+        Err(_) => s.serialize_none(),
+    }
+}
+
+fn rfc3339_opt<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// Whether the agent starts containers now.
@@ -848,6 +869,25 @@ mod tests {
             }
         );
         assert_eq!(parse_sandbox_info("not json"), SandboxDetails::default());
+    }
+
+    #[test]
+    fn timelines_serialise_times_as_rfc3339() {
+        let t = Timeline {
+            pod: "default/web".into(),
+            container: "dbg".into(),
+            creator: Some(Creator::Agent),
+            seen: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_500_000_001),
+            created: None,
+            started: None,
+            exited: None,
+            api_running: None,
+            api_terminated: None,
+        };
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["seen"], "1970-01-01T00:00:01.500000001Z");
+        assert_eq!(v["created"], serde_json::Value::Null);
+        assert_eq!(v["creator"], "agent");
     }
 
     #[test]
