@@ -838,6 +838,33 @@ async fn missing_image_with_never_is_err_image_never_pull() {
     assert_eq!(bed.calls("PullImage"), 0);
 }
 
+/// An image name the reference grammar refuses (upper case) passes the API
+/// server's validation but not the kubelet's: `InvalidImageName` with an
+/// `InspectFailed` Event, and no call to the runtime's image service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_image_name_is_invalid_image_name() {
+    let mut bed = Bed::new().await;
+    bed.start_agent(Opts::default()).await;
+    let (pod, _) = bed.run_pod(app_pod("badname")).await;
+    let mut c = debug("dbg", Some("app"));
+    c.image = Some("Ephemerald.Local/BusyBox".into());
+    bed.add_ephemeral("badname", &[c]).await;
+    let st = bed
+        .wait_status("badname", "dbg", "waiting InvalidImageName", |s| {
+            waiting_reason(s) == Some("InvalidImageName")
+        })
+        .await;
+    let (_, message) = waiting(&st).unwrap();
+    assert!(
+        message.starts_with("Failed to apply default image tag \"Ephemerald.Local/BusyBox\": "),
+        "{message}"
+    );
+    bed.wait_event("badname", "dbg", "InspectFailed", |m| m == message)
+        .await;
+    assert_eq!(bed.calls("PullImage"), 0);
+    assert!(bed.runtime_containers(&pod, "dbg").is_empty());
+}
+
 /// A missing image whose pull fails is `ErrImagePull`, then
 /// `ImagePullBackOff` with `Back-off pulling image "X": ErrImagePull: …` and
 /// a BackOff Event; once the registry has it, it is pulled and started.
