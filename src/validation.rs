@@ -243,60 +243,10 @@ pub fn go_quote(s: &str) -> String {
 /// counts as `latest`), otherwise `IfNotPresent` — also when the reference
 /// does not parse.
 pub fn default_image_pull_policy(image: &str) -> &'static str {
-    if image_tag(image).as_deref() == Some("latest") {
-        "Always"
-    } else {
-        "IfNotPresent"
+    match crate::reconcile::image::default_pull_policy(image) {
+        crate::reconcile::image::PullPolicy::Always => "Always",
+        _ => "IfNotPresent",
     }
-}
-
-/// The tag as the kubelet's `parsers.ParseImageName` sees it: `None` when
-/// the reference does not parse or carries only a digest.
-fn image_tag(image: &str) -> Option<String> {
-    if image.is_empty() || image.chars().any(|c| c.is_whitespace()) {
-        return None;
-    }
-    // A bare 64-hex id is refused by the reference parser.
-    if image.len() == 64
-        && image
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-    {
-        return None;
-    }
-    let (name_tag, digest) = match image.split_once('@') {
-        Some((n, d)) => (n, Some(d)),
-        None => (image, None),
-    };
-    let slash = name_tag.rfind('/').map_or(0, |i| i + 1);
-    let (name, tag) = match name_tag[slash..].rfind(':') {
-        Some(i) => (&name_tag[..slash + i], Some(&name_tag[slash + i + 1..])),
-        None => (name_tag, None),
-    };
-    if name.is_empty() || tag == Some("") || digest == Some("") {
-        return None;
-    }
-    // The domain part (first component when it looks like a host) may hold
-    // upper case; the repository path must be lower case.
-    let path = match name.split_once('/') {
-        Some((first, rest))
-            if first.contains(['.', ':'])
-                || first == "localhost"
-                || first.chars().any(|c| c.is_ascii_uppercase()) =>
-        {
-            rest
-        }
-        _ => name,
-    };
-    if path.chars().any(|c| c.is_ascii_uppercase()) {
-        return None;
-    }
-    match (tag, digest) {
-        (Some(t), _) => Some(t.to_string()),
-        (None, Some(_)) => Some(String::new()),
-        (None, None) => Some("latest".to_string()),
-    }
-    .filter(|t| !t.is_empty())
 }
 
 /// `SetDefaults_Container` on the fields the API defaults: `imagePullPolicy`

@@ -29,15 +29,7 @@ pub fn pull_policy(c: &EphemeralContainer) -> PullPolicy {
         Some("Always") => PullPolicy::Always,
         Some("IfNotPresent") => PullPolicy::IfNotPresent,
         Some("Never") => PullPolicy::Never,
-        _ => {
-            let image = c.image.as_deref().unwrap_or_default();
-            match parse(image) {
-                Ok(r) if r.digest.is_none() && matches!(r.tag, None | Some("latest")) => {
-                    PullPolicy::Always
-                }
-                _ => PullPolicy::IfNotPresent,
-            }
-        }
+        _ => default_pull_policy(c.image.as_deref().unwrap_or_default()),
     }
 }
 
@@ -54,26 +46,25 @@ pub struct Reference<'a> {
     pub digest: Option<&'a str>,
 }
 
-/// Parses `[domain/]path[:tag][@digest]` by the distribution reference grammar.
+/// Parses `[domain/]path[:tag][@digest]` by the distribution reference
+/// grammar, as the kubelet's (and the API server's) image parser does.
 pub fn parse(image: &str) -> Result<Reference<'_>, String> {
+    const INVALID: &str = "invalid reference format";
     if image.is_empty() {
         return Err("repository name must have at least one component".into());
     }
+    if image.len() == 64
+        && image
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return Err(format!(
+            "invalid repository name ({image}), cannot specify 64-byte hexadecimal strings"
+        ));
+    }
     let (rest, digest) = match image.split_once('@') {
-        Some((r, d)) => {
-            let ok = d.split_once(':').is_some_and(|(alg, hex)| {
-                !alg.is_empty()
-                    && alg
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "+._-".contains(c))
-                    && hex.len() >= 32
-                    && hex.chars().all(|c| c.is_ascii_hexdigit())
-            });
-            if !ok {
-                return Err("invalid reference format".into());
-            }
-            (r, Some(d))
-        }
+        Some((r, d)) if valid_digest(d) => (r, Some(d)),
+        Some(_) => return Err(INVALID.into()),
         None => (image, None),
     };
     let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
@@ -81,43 +72,30 @@ pub fn parse(image: &str) -> Result<Reference<'_>, String> {
         Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
         None => (rest, None),
     };
-    if let Some(t) = tag {
-        let ok = !t.is_empty()
-            && t.len() <= 128
-            && t.chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-            && t.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-        if !ok {
-            return Err("invalid reference format".into());
-        }
+    if tag.is_some_and(|t| !valid_tag(t)) {
+        return Err(INVALID.into());
     }
+    // The first component names a registry if it looks like a host (a dot,
+    // a port, `localhost`) or has upper case, which a repository cannot.
     let (domain, path) = match name.split_once('/') {
         Some((first, rest))
-            if first.contains('.') || first.contains(':') || first == "localhost" =>
+            if first.contains(['.', ':'])
+                || first == "localhost"
+                || first.chars().any(|c| c.is_ascii_uppercase()) =>
         {
             (Some(first), rest)
         }
         _ => (None, name),
     };
-    if let Some(d) = domain {
-        let (host, port) = d.split_once(':').unwrap_or((d, ""));
-        let ok = !host.is_empty()
-            && host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
-            && port.chars().all(|c| c.is_ascii_digit());
-        if !ok {
-            return Err("invalid reference format".into());
-        }
+    if domain.is_some_and(|d| !valid_domain(d)) {
+        return Err(INVALID.into());
     }
     for component in path.split('/') {
         if !valid_path_component(component) {
             return Err(if component.chars().any(|c| c.is_ascii_uppercase()) {
-                "invalid reference format: repository name must be lowercase".into()
+                format!("{INVALID}: repository name must be lowercase")
             } else {
-                "invalid reference format".into()
+                INVALID.into()
             });
         }
     }
@@ -129,8 +107,9 @@ pub fn parse(image: &str) -> Result<Reference<'_>, String> {
     })
 }
 
-/// `[a-z0-9]+` groups joined by `.`, `_`, `__` or runs of `-`.
-fn valid_path_component(s: &str) -> bool {
+/// A repository path component: `[a-z0-9]+` groups joined by `.`, `_`,
+/// `__` or runs of `-`.
+pub fn valid_path_component(s: &str) -> bool {
     let b = s.as_bytes();
     let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
     if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
@@ -153,6 +132,62 @@ fn valid_path_component(s: &str) -> bool {
         }
     }
     true
+}
+
+/// A registry host: dot-separated labels of letters, digits and inner
+/// hyphens, with an optional numeric port.
+pub fn valid_domain(d: &str) -> bool {
+    let (host, port) = match d.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (d, None),
+    };
+    let label = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+    };
+    host.split('.').all(label)
+        && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A tag: `[\w][\w.-]{0,127}`.
+pub fn valid_tag(t: &str) -> bool {
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let b = t.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && word(b[0])
+        && b.iter().all(|c| word(*c) || *c == b'.' || *c == b'-')
+}
+
+/// A digest: `algorithm:hex` with at least 32 hex digits.
+pub fn valid_digest(d: &str) -> bool {
+    match d.split_once(':') {
+        Some((alg, hex)) => {
+            !alg.is_empty()
+                && alg.as_bytes()[0].is_ascii_alphabetic()
+                && alg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_+.".contains(&b))
+                && hex.len() >= 32
+                && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        }
+        None => false,
+    }
+}
+
+/// The API server's default `imagePullPolicy` (`SetDefaults_Container`):
+/// `Always` when the image's tag is `latest` (no tag and no digest counts
+/// as `latest`), else `IfNotPresent` — also for a name that does not parse.
+pub fn default_pull_policy(image: &str) -> PullPolicy {
+    match parse(image) {
+        Ok(r) if r.tag == Some("latest") || (r.tag.is_none() && r.digest.is_none()) => {
+            PullPolicy::Always
+        }
+        _ => PullPolicy::IfNotPresent,
+    }
 }
 
 /// The kubelet's `applyDefaultImageTag`: `:latest` when there is neither tag
@@ -250,11 +285,13 @@ mod tests {
     fn pull_policy_defaults_like_the_api_server() {
         let digest =
             "busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let latest_digest = digest.replace("busybox@", "busybox:latest@");
         let table = [
             ("busybox", None, PullPolicy::Always),
             ("busybox:latest", None, PullPolicy::Always),
             ("busybox:1.36", None, PullPolicy::IfNotPresent),
             (digest, None, PullPolicy::IfNotPresent),
+            (&latest_digest, None, PullPolicy::Always),
             ("registry:5000/team/tool", None, PullPolicy::Always),
             ("registry:5000/team/tool:v2", None, PullPolicy::IfNotPresent),
             ("busybox", Some("Never"), PullPolicy::Never),

@@ -1708,6 +1708,7 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 /// reference (`busybox` → `docker.io/library/busybox:latest`; a digest wins
 /// over a tag), or the error in containerd's words.
 pub fn normalize_reference(s: &str) -> Result<String, String> {
+    use crate::reconcile::image::{valid_digest, valid_domain, valid_path_component, valid_tag};
     const INVALID: &str = "invalid reference format";
     if s.len() == 64
         && s.bytes()
@@ -1759,74 +1760,6 @@ pub fn normalize_reference(s: &str) -> Result<String, String> {
         Some(d) => format!("{full}@{d}"),
         None => format!("{full}:{}", tag.unwrap_or("latest")),
     })
-}
-
-/// `[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*`
-fn valid_path_component(c: &str) -> bool {
-    let bytes = c.as_bytes();
-    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    if bytes.is_empty() || !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
-        return false;
-    }
-    let mut i = 0;
-    while i < bytes.len() {
-        if alnum(bytes[i]) {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < bytes.len() && !alnum(bytes[i]) {
-            i += 1;
-        }
-        let sep = &c[start..i];
-        if !(sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|b| b == b'-')) {
-            return false;
-        }
-    }
-    true
-}
-
-/// Host name components joined by dots, with an optional port.
-fn valid_domain(d: &str) -> bool {
-    let (host, port) = match d.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (d, None),
-    };
-    let label = |l: &str| {
-        let b = l.as_bytes();
-        !b.is_empty()
-            && b[0].is_ascii_alphanumeric()
-            && b[b.len() - 1].is_ascii_alphanumeric()
-            && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
-    };
-    host.split('.').all(label)
-        && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// `[\w][\w.-]{0,127}`
-fn valid_tag(t: &str) -> bool {
-    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
-    let b = t.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && word(b[0])
-        && b.iter().all(|c| word(*c) || *c == b'.' || *c == b'-')
-}
-
-/// `algorithm:hex` with at least 32 hex digits.
-fn valid_digest(d: &str) -> bool {
-    match d.split_once(':') {
-        Some((alg, hex)) => {
-            !alg.is_empty()
-                && alg.as_bytes()[0].is_ascii_alphabetic()
-                && alg
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_+.".contains(&b))
-                && hex.len() >= 32
-                && hex.bytes().all(|b| b.is_ascii_hexdigit())
-        }
-        None => false,
-    }
 }
 
 /// A complete `sha256:<64 hex>` digest (what go-digest parses without error).
