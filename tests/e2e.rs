@@ -108,6 +108,24 @@ async fn runtime_containers(stack: &Stack, pod: &Pod, name: &str) -> Vec<String>
         .collect()
 }
 
+/// Appends a busybox debug container to pod `web`, as `kubectl debug` does.
+async fn add(stack: &Stack, name: &str, target: Option<&str>, script: &str) {
+    stack
+        .add_ephemeral("default", "web", &debug_container(name, target, script))
+        .await
+        .unwrap();
+}
+
+/// Waits until the API shows `name` of pod `web` running.
+async fn wait_running(stack: &Stack, name: &str) -> ContainerStatus {
+    stack
+        .wait_pod("default", "web", &format!("{name} running"), WAIT, |p| {
+            running(p, name)
+        })
+        .await
+        .unwrap()
+}
+
 fn log_of(stack: &Stack, pod: &Pod, name: &str) -> String {
     let path = kubelet::container_log_dir(&stack.dirs.pod_logs, pod, name).join("0.log");
     std::fs::read_to_string(path)
@@ -120,18 +138,8 @@ async fn appended_container_runs_with_id_and_start_time_and_sees_the_target() {
     let stack = stack("e2e-run").await;
     let _agent = AgentProc::start(&stack, "5s");
     let (pod, _) = stack.run_pod(app_pod("web")).await.unwrap();
-    stack
-        .add_ephemeral(
-            "default",
-            "web",
-            &debug_container("dbg", Some("app"), "ps; sleep 60"),
-        )
-        .await
-        .unwrap();
-    let st = stack
-        .wait_pod("default", "web", "dbg running", WAIT, |p| running(p, "dbg"))
-        .await
-        .unwrap();
+    add(&stack, "dbg", Some("app"), "ps; sleep 60").await;
+    let st = wait_running(&stack, "dbg").await;
     let id = st.container_id.clone().expect("containerID");
     assert!(id.starts_with("containerd://"), "{id}");
     assert!(st.state.unwrap().running.unwrap().started_at.is_some());
@@ -241,22 +249,9 @@ async fn a_second_container_added_later_leaves_the_first_untouched_and_sorted() 
     let stack = stack("e2e-second").await;
     let _agent = AgentProc::start(&stack, "5s");
     stack.run_pod(app_pod("web")).await.unwrap();
-    stack
-        .add_ephemeral(
-            "default",
-            "web",
-            &debug_container("zz", Some("app"), "sleep 60"),
-        )
-        .await
-        .unwrap();
-    let first = stack
-        .wait_pod("default", "web", "zz running", WAIT, |p| running(p, "zz"))
-        .await
-        .unwrap();
-    stack
-        .add_ephemeral("default", "web", &debug_container("aa", None, "sleep 60"))
-        .await
-        .unwrap();
+    add(&stack, "zz", Some("app"), "sleep 60").await;
+    let first = wait_running(&stack, "zz").await;
+    add(&stack, "aa", None, "sleep 60").await;
     let pod = stack
         .wait_pod("default", "web", "aa running", WAIT, |p| {
             running(p, "aa").map(|_| p.clone())
@@ -275,14 +270,7 @@ async fn agent_killed_after_create_and_restarted_makes_no_duplicate() {
     let stack = stack("e2e-kill").await;
     let mut agent = AgentProc::start(&stack, "1s");
     let (pod, _) = stack.run_pod(app_pod("web")).await.unwrap();
-    stack
-        .add_ephemeral(
-            "default",
-            "web",
-            &debug_container("dbg", Some("app"), "sleep 60"),
-        )
-        .await
-        .unwrap();
+    add(&stack, "dbg", Some("app"), "sleep 60").await;
     // SIGKILL as soon as the runtime holds the container.
     let deadline = Instant::now() + WAIT;
     while runtime_containers(&stack, &pod, "dbg").await.is_empty() {
@@ -411,14 +399,7 @@ async fn broken_watch_while_a_container_is_appended_still_starts_it() {
     let stack = stack("e2e-watch").await;
     let agent = AgentProc::start(&stack, "30s");
     stack.run_pod(app_pod("web")).await.unwrap();
-    stack
-        .add_ephemeral(
-            "default",
-            "web",
-            &debug_container("first", None, "sleep 60"),
-        )
-        .await
-        .unwrap();
+    add(&stack, "first", None, "sleep 60").await;
     stack
         .wait_pod("default", "web", "first running", WAIT, |p| {
             running(p, "first")
@@ -430,14 +411,7 @@ async fn broken_watch_while_a_container_is_appended_still_starts_it() {
     // container is appended.
     stack.api.compact();
     stack.api.restart().await;
-    stack
-        .add_ephemeral(
-            "default",
-            "web",
-            &debug_container("second", None, "sleep 60"),
-        )
-        .await
-        .unwrap();
+    add(&stack, "second", None, "sleep 60").await;
     stack
         .wait_pod("default", "web", "second running", WAIT, |p| {
             running(p, "second")
@@ -458,14 +432,7 @@ async fn missing_image_with_never_is_err_image_never_pull_and_others_run() {
         .add_ephemeral("default", "web", &missing)
         .await
         .unwrap();
-    stack
-        .add_ephemeral(
-            "default",
-            "web",
-            &debug_container("fine", Some("app"), "sleep 60"),
-        )
-        .await
-        .unwrap();
+    add(&stack, "fine", Some("app"), "sleep 60").await;
     let waiting = stack
         .wait_pod("default", "web", "ErrImageNeverPull", WAIT, |p| {
             let w = status_of(p, "missing")?.state?.waiting?;
