@@ -176,14 +176,7 @@ async fn exit_3_is_terminated_within_a_second_and_never_restarted() {
     let stack = stack("e2e-exit").await;
     let agent = AgentProc::start(&stack, "1s");
     let (pod, _) = stack.run_pod(app_pod("web")).await.unwrap();
-    stack
-        .add_ephemeral(
-            "default",
-            "web",
-            &debug_container("dbg", Some("app"), "sleep 1; exit 3"),
-        )
-        .await
-        .unwrap();
+    add(&stack, "dbg", Some("app"), "sleep 1; exit 3").await;
     let st = stack
         .wait_pod("default", "web", "dbg terminated", WAIT, |p| {
             terminated(p, "dbg")
