@@ -50,6 +50,11 @@ pub fn sandbox_labels(pod: &Pod) -> BTreeMap<String, String> {
     labels
 }
 
+/// Annotations of the pod sandbox (and of the image requests): the pod's own.
+pub fn pod_annotations(pod: &Pod) -> BTreeMap<String, String> {
+    pod.metadata.annotations.clone().unwrap_or_default()
+}
+
 /// Labels of a container of the pod: exactly the four `io.kubernetes.*` keys.
 pub fn container_labels(pod: &Pod, container_name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([

@@ -253,11 +253,9 @@ pub fn default_image_pull_policy(image: &str) -> &'static str {
 /// by tag, `terminationMessagePath`, `terminationMessagePolicy`, port
 /// `protocol`, and env `fieldRef.apiVersion`.
 pub fn default_container(c: &mut Container) {
-    if c.image_pull_policy.as_deref().unwrap_or("").is_empty() {
-        c.image_pull_policy =
-            Some(default_image_pull_policy(c.image.as_deref().unwrap_or("")).into());
-    }
     default_common(
+        c.image.as_deref(),
+        &mut c.image_pull_policy,
         &mut c.termination_message_path,
         &mut c.termination_message_policy,
         c.ports.as_deref_mut(),
@@ -267,11 +265,9 @@ pub fn default_container(c: &mut Container) {
 
 /// `SetDefaults_EphemeralContainer`: the same defaults as a regular container.
 pub fn default_ephemeral_container(c: &mut EphemeralContainer) {
-    if c.image_pull_policy.as_deref().unwrap_or("").is_empty() {
-        c.image_pull_policy =
-            Some(default_image_pull_policy(c.image.as_deref().unwrap_or("")).into());
-    }
     default_common(
+        c.image.as_deref(),
+        &mut c.image_pull_policy,
         &mut c.termination_message_path,
         &mut c.termination_message_policy,
         c.ports.as_deref_mut(),
@@ -280,11 +276,16 @@ pub fn default_ephemeral_container(c: &mut EphemeralContainer) {
 }
 
 fn default_common(
+    image: Option<&str>,
+    pull_policy: &mut Option<String>,
     path: &mut Option<String>,
     policy: &mut Option<String>,
     ports: Option<&mut [k8s_openapi::api::core::v1::ContainerPort]>,
     env: Option<&mut [k8s_openapi::api::core::v1::EnvVar]>,
 ) {
+    if pull_policy.as_deref().unwrap_or("").is_empty() {
+        *pull_policy = Some(default_image_pull_policy(image.unwrap_or("")).into());
+    }
     if path.as_deref().unwrap_or("").is_empty() {
         *path = Some(DEFAULT_TERMINATION_MESSAGE_PATH.into());
     }

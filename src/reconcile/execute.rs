@@ -261,13 +261,7 @@ async fn ensure_image(
     };
     let spec = ImageSpec {
         image: image.clone(),
-        annotations: pod
-            .metadata
-            .annotations
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
+        annotations: kubelet::pod_annotations(pod).into_iter().collect(),
         ..Default::default()
     };
     let policy = image::pull_policy(c);

@@ -656,13 +656,7 @@ pub fn sandbox_config(
         dns_config: None,
         port_mappings: vec![],
         labels: kubelet::sandbox_labels(pod).into_iter().collect(),
-        annotations: pod
-            .metadata
-            .annotations
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
+        annotations: kubelet::pod_annotations(pod).into_iter().collect(),
         linux: Some(proto::LinuxPodSandboxConfig {
             cgroup_parent: cgroup_parent.into(),
             security_context: Some(proto::LinuxSandboxSecurityContext {
