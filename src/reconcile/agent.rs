@@ -318,7 +318,7 @@ impl Agent {
         let mut touched_runtime = false;
         if starting {
             for action in planned.actions {
-                touched_runtime |= self.act(pod, uid, &observed, action).await;
+                touched_runtime |= self.act(pod, uid, &observed, &gates, action).await;
             }
         }
         let observed = if touched_runtime {
@@ -394,14 +394,21 @@ impl Agent {
     }
 
     /// Carries out one planned action; returns whether the runtime changed.
-    async fn act(&self, pod: &Pod, uid: &str, observed: &Observed, action: PlanAction) -> bool {
+    async fn act(
+        &self,
+        pod: &Pod,
+        uid: &str,
+        observed: &Observed,
+        gates: &Gates,
+        action: PlanAction,
+    ) -> bool {
         match action {
             PlanAction::Fail {
                 name,
                 reason,
                 message,
             } => {
-                let permanent = validation::refusals(pod).contains_key(&name);
+                let permanent = gates.refused.contains_key(&name);
                 let first = self.remember_failure(
                     uid,
                     &name,
