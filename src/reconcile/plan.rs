@@ -358,6 +358,156 @@ mod tests {
         );
     }
 
+    /// The kubelet's own decision cases for ephemeral containers
+    /// (`TestComputePodActionsWithInitAndEphemeralContainers` in
+    /// pkg/kubelet/kuberuntime/kuberuntime_manager_test.go), on the same base
+    /// pod: three regular containers and one init container that completed,
+    /// plus ephemeral container `debug` running. Only the ephemeral part of
+    /// each expected action applies here: the agent never kills a pod or
+    /// creates a sandbox.
+    mod kubelet_cases {
+        use super::*;
+        use k8s_openapi::api::core::v1::Container as SpecContainer;
+
+        fn base_pod() -> Pod {
+            let mut p = pod(vec![ec("debug", None)]);
+            let spec = p.spec.as_mut().unwrap();
+            spec.containers = ["foo1", "foo2", "foo3"]
+                .map(|n| SpecContainer {
+                    name: n.into(),
+                    image: Some("busybox".into()),
+                    ..Default::default()
+                })
+                .into();
+            spec.init_containers = Some(vec![SpecContainer {
+                name: "init1".into(),
+                image: Some("bar-image".into()),
+                ..Default::default()
+            }]);
+            p
+        }
+
+        /// foo1..foo3 running, init1 exited, debug running — in this order,
+        /// as the kubelet's fixture lists them.
+        fn base_status() -> Vec<Container> {
+            vec![
+                ctr("foo1", "id1", State::Running, 1),
+                ctr("foo2", "id2", State::Running, 2),
+                ctr("foo3", "id3", State::Running, 3),
+                ctr("init1", "initid1", State::Exited, 0),
+                ctr("debug", "debug1", State::Running, 4),
+            ]
+        }
+
+        fn check(desc: &str, p: &Pod, ready: bool, status: Vec<Container>, want: &[Action]) {
+            let got = run(p, &observed(ready, status));
+            assert_eq!(got.actions, want, "{desc}");
+        }
+
+        #[test]
+        fn steady_state_do_nothing_ignore_ephemeral_container() {
+            check("steady state", &base_pod(), true, base_status(), &[]);
+        }
+
+        #[test]
+        fn no_ephemeral_containers_running_start_one() {
+            let mut s = base_status();
+            s.truncate(4);
+            check("start one", &base_pod(), true, s, &[start("debug", None)]);
+        }
+
+        #[test]
+        fn start_second_ephemeral_container() {
+            let mut p = base_pod();
+            let ecs = p.spec.as_mut().unwrap().ephemeral_containers.as_mut();
+            ecs.unwrap().push(ec("debug2", None));
+            check("second", &p, true, base_status(), &[start("debug2", None)]);
+        }
+
+        #[test]
+        fn ephemeral_container_exited_do_not_restart() {
+            let mut s = base_status();
+            s[4].state = State::Exited;
+            check("exited", &base_pod(), true, s, &[]);
+        }
+
+        #[test]
+        fn initialization_in_progress_start_ephemeral_container() {
+            let mut s = base_status();
+            s[3].state = State::Running;
+            s.truncate(4);
+            check(
+                "init running",
+                &base_pod(),
+                true,
+                s,
+                &[start("debug", None)],
+            );
+        }
+
+        #[test]
+        fn kill_pod_and_do_not_restart_ephemeral_container_if_the_pod_sandbox_is_dead() {
+            let mut p = base_pod();
+            p.spec.as_mut().unwrap().restart_policy = Some("Always".into());
+            check("sandbox dead", &p, false, base_status(), &[]);
+            // Nor when debug is gone: nothing starts in a pass that finds the
+            // sandbox not ready.
+            let mut s = base_status();
+            s.truncate(4);
+            let got = run(&p, &observed(false, s));
+            assert!(!got.sandbox_ready);
+            assert!(got.actions.is_empty());
+        }
+
+        #[test]
+        fn create_a_new_pod_sandbox_if_the_pod_sandbox_is_dead_init_container_failed() {
+            let mut p = base_pod();
+            p.spec.as_mut().unwrap().restart_policy = Some("OnFailure".into());
+            let mut s = base_status()[3..].to_vec();
+            s[0].exit_code = 137;
+            check("sandbox dead, init failed", &p, false, s, &[]);
+        }
+
+        #[test]
+        fn kill_pod_if_all_containers_exited_except_ephemeral_container() {
+            // The kubelet kills the pod; killing pods is not the agent's job,
+            // and the running debug container needs nothing.
+            let mut p = base_pod();
+            p.spec.as_mut().unwrap().restart_policy = Some("Never".into());
+            let mut s = base_status();
+            for c in &mut s[..3] {
+                c.state = State::Exited;
+            }
+            check("all regular exited", &p, true, s, &[]);
+        }
+
+        #[test]
+        fn ephemeral_container_is_in_unknown_state_leave_it_alone() {
+            let mut p = base_pod();
+            p.spec.as_mut().unwrap().restart_policy = Some("Never".into());
+            let mut s = base_status();
+            s[4].state = State::Unknown;
+            check("unknown", &p, true, s, &[]);
+        }
+
+        #[test]
+        fn created_but_not_started_counts_as_started() {
+            // Without the resume grace (observe mode, or a creator that may
+            // still be starting it), CREATED is left alone, never recreated.
+            let mut s = base_status();
+            s[4].state = State::Created;
+            check("created", &base_pod(), true, s, &[]);
+        }
+
+        #[test]
+        fn exited_instances_from_an_older_sandbox_still_count_as_started() {
+            let mut s = base_status();
+            s[4].state = State::Exited;
+            s[4].sandbox_id = "previous-sandbox".into();
+            check("older sandbox", &base_pod(), true, s, &[]);
+        }
+    }
+
     #[test]
     fn api_status_that_ran_is_never_restarted_even_if_the_runtime_lost_it() {
         let o = observed(true, vec![]);
