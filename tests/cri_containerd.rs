@@ -59,6 +59,107 @@ fn log_path(bed: &Bed, pod: &Pod, name: &str) -> std::path::PathBuf {
     kubelet::container_log_dir(&bed.dirs.pod_logs, pod, name).join("0.log")
 }
 
+/// Runtime ids of the pod's containers named `name`.
+async fn containers_named(bed: &Bed, pod: &Pod, name: &str) -> Vec<String> {
+    bed.cri
+        .list_containers(Some(ContainerFilter {
+            label_selector: [
+                (kubelet::POD_UID_LABEL.into(), kubelet::uid(pod).into()),
+                (kubelet::CONTAINER_NAME_LABEL.into(), name.into()),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        }))
+        .await
+        .expect("ListContainers")
+        .into_iter()
+        .map(|c| c.id)
+        .collect()
+}
+
+/// Another creator (a kubelet) won the race: it created the container after
+/// the agent looked at the runtime and before the agent's CreateContainer.
+/// Whether it has only created it (containerd then refuses the agent's
+/// create: the name is reserved) or also started it (its log of attempt 0
+/// exists, so the agent would pick attempt 1 and no name would collide), the
+/// start path adopts its container, makes no second one, and claims no
+/// Created, Started or Failed Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_creators_container_is_adopted_whether_created_or_started() {
+    let bed = Bed::start("cri-reserved").await;
+    for also_started in [false, true] {
+        let pod = app_pod(if also_started {
+            "race-started"
+        } else {
+            "race-created"
+        });
+        let running = bed.runner.run(&pod).await.expect("pod runs");
+        let app_id = running.containers["app"].clone();
+        let dbg = debug_container("dbg", Some("app"), "sleep 60");
+
+        let theirs = if also_started {
+            started_id(
+                start(
+                    &bed,
+                    &running,
+                    &pod,
+                    &dbg,
+                    Some(&app_id),
+                    &MemoryEvents::default(),
+                )
+                .await
+                .expect("the other creator starts it"),
+            )
+        } else {
+            let image = bed
+                .cri
+                .image_status(ephemerald::cri::proto::ImageSpec {
+                    image: dbg.image.clone().unwrap(),
+                    ..Default::default()
+                })
+                .await
+                .expect("ImageStatus")
+                .expect("busybox on the node");
+            let config = translate::container_config(&translate::Inputs {
+                pod: &pod,
+                container: &dbg,
+                target_id: Some(&app_id),
+                image: &ResolvedImage {
+                    id: image.id,
+                    ..Default::default()
+                },
+                attempt: 0,
+                host_files: &HostFiles::default(),
+                node: &bed.dirs,
+            })
+            .expect("config");
+            bed.cri
+                .create_container(&running.sandbox_id, config, running.sandbox_config.clone())
+                .await
+                .expect("the other creator creates it")
+        };
+        let ours = MemoryEvents::default();
+        match start(&bed, &running, &pod, &dbg, Some(&app_id), &ours).await {
+            Ok(Started::Adopted { id }) => assert_eq!(id, theirs, "started: {also_started}"),
+            other => panic!("expected adoption of {theirs}, got {other:?}"),
+        }
+        assert_eq!(
+            containers_named(&bed, &pod, "dbg").await,
+            [theirs],
+            "exactly one container (started: {also_started})"
+        );
+        let reasons: Vec<String> = ours.reasons().into_iter().map(|(r, _)| r).collect();
+        assert!(
+            !reasons
+                .iter()
+                .any(|r| r == "Created" || r == "Started" || r == "Failed"),
+            "{reasons:?}"
+        );
+    }
+    bed.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_shares_the_app_pid_namespace_and_sees_its_process() {
     let bed = Bed::start("cri-target").await;

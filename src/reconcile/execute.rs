@@ -150,6 +150,18 @@ pub async fn start(
     })
     .map_err(|e: TranslateError| config_error(e.to_string()))?;
 
+    // A log of an earlier attempt may be another creator's: it may have
+    // started this container after the caller looked at the runtime (the log
+    // appears at start), and then the attempts differ and the runtime's name
+    // reservation cannot catch the race. Looking again after reading the log
+    // directory closes it: a creator that starts later collides with us on
+    // the reserved name instead.
+    if attempt > 0
+        && let Some(id) = existing(cx, pod, c).await
+    {
+        return Ok(adopted(pod, c, id));
+    }
+
     let t1 = Instant::now();
     let id = match cx
         .runtime
@@ -211,26 +223,8 @@ async fn adopt(
     c: &EphemeralContainer,
     err: &CriError,
 ) -> Result<Started, StartFailure> {
-    let mut labels = kubelet::container_labels(pod, &c.name);
-    labels.retain(|k, _| k == kubelet::POD_UID_LABEL || k == kubelet::CONTAINER_NAME_LABEL);
-    let found = cx
-        .runtime
-        .list_containers(Some(ContainerFilter {
-            label_selector: labels.into_iter().collect(),
-            ..Default::default()
-        }))
-        .await
-        .ok()
-        .and_then(|mut v| {
-            v.sort_by_key(|c| std::cmp::Reverse(c.created_at));
-            v.into_iter().next()
-        });
-    match found {
-        Some(existing) => {
-            tracing::info!(pod = kubelet::name(pod), container = %c.name, id = %existing.id,
-                "adopt: the runtime already holds this ephemeral container; not creating another");
-            Ok(Started::Adopted { id: existing.id })
-        }
+    match existing(cx, pod, c).await {
+        Some(id) => Ok(adopted(pod, c, id)),
         // Reserved but not listed yet: the other creator is mid-way. Look again later.
         None => Err(StartFailure::new(
             reason::CREATE_CONTAINER,
@@ -238,6 +232,28 @@ async fn adopt(
             true,
         )),
     }
+}
+
+/// The newest runtime container of this pod with this container name.
+async fn existing(cx: &StartContext<'_>, pod: &Pod, c: &EphemeralContainer) -> Option<String> {
+    let mut labels = kubelet::container_labels(pod, &c.name);
+    labels.retain(|k, _| k == kubelet::POD_UID_LABEL || k == kubelet::CONTAINER_NAME_LABEL);
+    let mut found = cx
+        .runtime
+        .list_containers(Some(ContainerFilter {
+            label_selector: labels.into_iter().collect(),
+            ..Default::default()
+        }))
+        .await
+        .ok()?;
+    found.sort_by_key(|c| std::cmp::Reverse(c.created_at));
+    found.into_iter().next().map(|c| c.id)
+}
+
+fn adopted(pod: &Pod, c: &EphemeralContainer, id: String) -> Started {
+    tracing::info!(pod = kubelet::name(pod), container = %c.name, id = %id,
+        "adopt: the runtime already holds this ephemeral container; not creating another");
+    Started::Adopted { id }
 }
 
 /// The kubelet's `EnsureImageExists` with its Events.
