@@ -1014,8 +1014,10 @@ async fn pull_errors_are_worded_like_the_kubelets() {
 // ---------------------------------------------------------------------------
 // 5. Specs the API server should have refused; mirror pods.
 
-/// Ephemeral containers with `ports`, resource limits or a `lifecycle` (a
-/// spec an old or modified API server let through) are never created:
+/// Ephemeral containers with any field kube-apiserver forbids on them
+/// (`ports`, resource limits, `lifecycle`, the three probes,
+/// `restartPolicy`, `resizePolicy`, a `subPath` mount: a spec an old or
+/// modified API server let through) are never created:
 /// `CreateContainerConfigError` with the validation message and one
 /// `Failed` Event each; a valid one in the same pod starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1044,15 +1046,42 @@ async fn refused_specs_are_config_errors_and_do_not_block_valid_ones() {
         }),
         ..Default::default()
     });
+    // The other fields kube-apiserver forbids, set the way a client would.
+    let with = |name: &str, extra: serde_json::Value| -> EphemeralContainer {
+        let mut v = serde_json::to_value(debug(name, None)).expect("json");
+        v.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        serde_json::from_value(v).expect("an ephemeral container")
+    };
+    let probe = serde_json::json!({"exec": {"command": ["true"]}});
+    let liveness = with("liveness", serde_json::json!({"livenessProbe": probe}));
+    let readiness = with("readiness", serde_json::json!({"readinessProbe": probe}));
+    let startup = with("startup", serde_json::json!({"startupProbe": probe}));
+    let restart = with("restart", serde_json::json!({"restartPolicy": "Always"}));
+    let resize = with(
+        "resize",
+        serde_json::json!({"resizePolicy": [{"resourceName": "cpu", "restartPolicy": "NotRequired"}]}),
+    );
+    let subpath = with(
+        "subpath",
+        serde_json::json!({"volumeMounts": [{"name": "data", "mountPath": "/data", "subPath": "logs"}]}),
+    );
     let good = debug("good", None);
     let mut stored = bed.pod("refused");
-    let ecs: Vec<EphemeralContainer> = [ports, limits, hook, good]
-        .into_iter()
-        .map(|mut c| {
-            validation::default_ephemeral_container(&mut c);
-            c
-        })
-        .collect();
+    stored.spec.as_mut().expect("spec").volumes = Some(vec![
+        serde_json::from_value(serde_json::json!({"name": "data", "emptyDir": {}}))
+            .expect("volume"),
+    ]);
+    let ecs: Vec<EphemeralContainer> = [
+        ports, limits, hook, liveness, readiness, startup, restart, resize, subpath, good,
+    ]
+    .into_iter()
+    .map(|mut c| {
+        validation::default_ephemeral_container(&mut c);
+        c
+    })
+    .collect();
     stored.spec.as_mut().expect("spec").ephemeral_containers = Some(ecs);
     let pod = bed.api.put_pod_unchecked(stored);
 
@@ -1069,6 +1098,30 @@ async fn refused_specs_are_config_errors_and_do_not_block_valid_ones() {
         (
             "hook",
             format!("spec.ephemeralContainers[2].lifecycle: {forbidden}"),
+        ),
+        (
+            "liveness",
+            format!("spec.ephemeralContainers[3].livenessProbe: {forbidden}"),
+        ),
+        (
+            "readiness",
+            format!("spec.ephemeralContainers[4].readinessProbe: {forbidden}"),
+        ),
+        (
+            "startup",
+            format!("spec.ephemeralContainers[5].startupProbe: {forbidden}"),
+        ),
+        (
+            "restart",
+            format!("spec.ephemeralContainers[6].restartPolicy: {forbidden}"),
+        ),
+        (
+            "resize",
+            format!("spec.ephemeralContainers[7].resizePolicy: {forbidden}"),
+        ),
+        (
+            "subpath",
+            format!("spec.ephemeralContainers[8].volumeMounts[0].subPath: {forbidden}"),
         ),
     ];
     for (name, message) in &table {
