@@ -567,7 +567,8 @@ async fn auto_mode_observes_next_to_a_live_lease_and_starts_once_it_expired() {
 
 /// `--mode observe`: nothing is created; when another creator runs the
 /// container, the agent records its timeline (created, started, exited,
-/// from the runtime's own times) and writes no status.
+/// from the runtime's own times; when the API server accepted the other
+/// creator's terminated status) and writes no status itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observe_mode_creates_nothing_and_records_the_other_creators_timeline() {
     let stack = stack("par-observe").await;
@@ -609,11 +610,49 @@ async fn observe_mode_creates_nothing_and_records_the_other_creators_timeline() 
     assert!(created + Duration::from_secs(1) >= before);
     assert!(exited.duration_since(started).unwrap() >= Duration::from_millis(900));
     agent.passes(2).await;
-    assert_eq!(runtime_containers(&stack, &pod, "dbg").await, [theirs]);
+    assert_eq!(
+        runtime_containers(&stack, &pod, "dbg").await,
+        [theirs.clone()]
+    );
     assert_eq!(
         stack.api.status_history("default", "watched").len(),
         writes,
         "an observing agent writes no status"
+    );
+
+    // The other creator reports it terminated; the timeline notes when the
+    // API server accepted that.
+    let pods: Api<Pod> = Api::namespaced(stack.api.client(), "default");
+    let status = serde_json::json!({"status": {"ephemeralContainerStatuses": [{
+        "name": "dbg", "ready": false, "restartCount": 0, "image": BUSYBOX_IMAGE, "imageID": "",
+        "containerID": format!("containerd://{theirs}"),
+        "state": {"terminated": {"exitCode": 7, "reason": "Error"}},
+    }]}});
+    let accepted = SystemTime::now();
+    pods.patch_status("watched", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let t = loop {
+        if let Some(t) = agent
+            .agent
+            .timelines()
+            .into_iter()
+            .find(|t| t.container == "dbg" && t.api_terminated.is_some())
+        {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "api_terminated in dbg's timeline"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(t.api_terminated.unwrap() >= accepted);
+    assert_eq!(
+        stack.api.status_history("default", "watched").len(),
+        writes + 1,
+        "only the other creator's status write"
     );
     agent.stop().await;
     stack.teardown().await.unwrap();
