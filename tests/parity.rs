@@ -612,7 +612,7 @@ async fn observe_mode_creates_nothing_and_records_the_other_creators_timeline() 
     agent.passes(2).await;
     assert_eq!(
         runtime_containers(&stack, &pod, "dbg").await,
-        [theirs.clone()]
+        std::slice::from_ref(&theirs)
     );
     assert_eq!(
         stack.api.status_history("default", "watched").len(),
