@@ -17,7 +17,7 @@ use ephemerald::reconcile::observe;
 use ephemerald::reconcile::plan::{self, Gates};
 use ephemerald::reconcile::translate::{self, HostFiles, ResolvedImage};
 use ephemerald::testbed::pod_runner::RunningPod;
-use k8s_openapi::api::core::v1::{EphemeralContainer, Pod};
+use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -455,5 +455,137 @@ async fn exit_events_arrive_from_containerd() {
     assert!(ids.contains(&got.container_id));
     cancel.cancel();
     task.await.unwrap();
+    bed.stop().await;
+}
+
+/// The seeds' main debugging use, on real containerd: a container of the pod
+/// writes into an `emptyDir` and a `hostPath` (`DirectoryOrCreate`) that
+/// the pod runner set up where the kubelet would; an ephemeral container
+/// that mounts both reads what it wrote, sees the read-only mount refuse a
+/// write, and writes through the read-write one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_container_reads_what_the_app_wrote_into_pod_volumes() {
+    let bed = Bed::start("cri-volumes").await;
+    let host_share = bed.containerd.dir().join("host-share");
+    let mut pod = app_pod("volumes");
+    let spec = pod.spec.as_mut().unwrap();
+    spec.volumes = Some(vec![
+        serde_json::from_value(serde_json::json!({"name": "shared", "emptyDir": {}})).unwrap(),
+        serde_json::from_value(serde_json::json!({"name": "host", "hostPath": {
+            "path": host_share.display().to_string(), "type": "DirectoryOrCreate"}}))
+        .unwrap(),
+    ]);
+    let writer: Container = serde_json::from_value(serde_json::json!({
+        "name": "writer",
+        "image": ephemerald::testbed::images::BUSYBOX_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["sh", "-c",
+            "echo from-the-app > /shared/note && echo on-the-host > /host/note && sleep 60"],
+        "volumeMounts": [{"name": "shared", "mountPath": "/shared"},
+                         {"name": "host", "mountPath": "/host"}],
+    }))
+    .unwrap();
+    spec.containers.push(writer);
+    let running = bed.runner.run(&pod).await.expect("pod runs");
+
+    let empty_dir =
+        kubelet::pod_dir(&bed.dirs.pods, &pod).join("volumes/kubernetes.io~empty-dir/shared");
+    eventually("the app's file in the emptyDir", WAIT, || async {
+        std::fs::read_to_string(empty_dir.join("note")).ok()
+    })
+    .await;
+
+    let mut dbg = debug_container(
+        "dbg",
+        Some("writer"),
+        "cat /data/note /hostdata/note; if touch /data/x; then exit 3; fi; echo from-dbg > /hostdata/reply",
+    );
+    dbg.volume_mounts = Some(
+        serde_json::from_value(serde_json::json!([
+            {"name": "shared", "mountPath": "/data", "readOnly": true},
+            {"name": "host", "mountPath": "/hostdata"},
+        ]))
+        .unwrap(),
+    );
+    let events = MemoryEvents::default();
+    let id = started_id(
+        start(
+            &bed,
+            &running,
+            &pod,
+            &dbg,
+            Some(&running.containers["writer"]),
+            &events,
+        )
+        .await
+        .expect("starts"),
+    );
+    wait_state(&bed, &id, ContainerState::ContainerExited).await;
+    let status = bed.cri.container_status(&id, false).await.unwrap();
+    let log = log_text(&log_path(&bed, &pod, "dbg")).unwrap_or_default();
+    assert_eq!(
+        status.status.map(|s| s.exit_code),
+        Some(0),
+        "the debug container read both files and could not write the read-only mount; log: {log}"
+    );
+    assert!(log.contains("from-the-app"), "{log}");
+    assert!(log.contains("on-the-host"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(host_share.join("reply")).unwrap(),
+        "from-dbg\n"
+    );
+    assert!(!empty_dir.join("x").exists());
+    bed.stop().await;
+}
+
+/// A mount of a kubelet-managed volume whose directory is not set up on the
+/// node is a `CreateContainerConfigError` before anything is created (the
+/// runtime would otherwise mount an empty directory of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_not_set_up_on_the_node_is_a_config_error() {
+    let bed = Bed::start("cri-novol").await;
+    let mut pod = app_pod("novol");
+    pod.spec.as_mut().unwrap().volumes = Some(vec![
+        serde_json::from_value(
+            serde_json::json!({"name": "cfg", "configMap": {"name": "settings"}}),
+        )
+        .unwrap(),
+    ]);
+    let running = bed.runner.run(&pod).await.expect("pod runs");
+    let mut dbg = debug_container("dbg", Some("app"), "ls /cfg");
+    dbg.volume_mounts = Some(vec![k8s_openapi::api::core::v1::VolumeMount {
+        name: "cfg".into(),
+        mount_path: "/cfg".into(),
+        ..Default::default()
+    }]);
+    let events = MemoryEvents::default();
+    let err = start(
+        &bed,
+        &running,
+        &pod,
+        &dbg,
+        Some(&running.containers["app"]),
+        &events,
+    )
+    .await
+    .unwrap_err();
+    let dir = kubelet::pod_dir(&bed.dirs.pods, &pod).join("volumes/kubernetes.io~configmap/cfg");
+    assert_eq!(err.reason, "CreateContainerConfigError");
+    assert_eq!(
+        err.message,
+        format!(
+            "volume for mount /cfg is not set up on this node: {} does not exist",
+            dir.display()
+        )
+    );
+    assert!(err.retryable);
+    assert!(!dir.exists(), "nothing was created in its place");
+    assert!(
+        events
+            .reasons()
+            .contains(&("Failed".to_string(), format!("Error: {}", err.message))),
+        "{:?}",
+        events.reasons()
+    );
     bed.stop().await;
 }
