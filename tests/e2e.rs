@@ -551,3 +551,87 @@ async fn kubectl_debug_is_started_by_the_agent_and_kubectl_sees_its_status() {
     );
     stack.teardown().await.unwrap();
 }
+
+/// The seeds' main debugging use, end to end through the agent binary: the
+/// pod's writer container puts a file in an `emptyDir`; an ephemeral
+/// container that mounts the volume read-only and takes env from a
+/// ConfigMap and a Secret in the API reads both and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_container_reads_the_apps_empty_dir_with_env_from_the_api() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Container, EphemeralContainer, Secret};
+    use kube::api::{Api, PostParams};
+
+    let stack = stack("e2e-volume").await;
+    let _agent = AgentProc::start(&stack, "1s");
+    let client = stack.api.client();
+    let cm: ConfigMap = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "settings"}, "data": {"LEVEL": "debug"}}),
+    )
+    .unwrap();
+    Api::<ConfigMap>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
+    let secret: Secret = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "creds"}, "stringData": {"token": "t0ken"}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(client, "default")
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+
+    let mut pod = app_pod("web");
+    let spec = pod.spec.as_mut().unwrap();
+    spec.volumes = Some(vec![
+        serde_json::from_value(serde_json::json!({"name": "shared", "emptyDir": {}})).unwrap(),
+    ]);
+    spec.containers.push(
+        serde_json::from_value::<Container>(serde_json::json!({
+            "name": "writer",
+            "image": ephemerald::testbed::images::BUSYBOX_IMAGE,
+            "imagePullPolicy": "Never",
+            "command": ["sh", "-c", "echo written-by-the-app > /shared/note; sleep 60"],
+            "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+        }))
+        .unwrap(),
+    );
+    let (pod, _) = stack.run_pod(pod).await.unwrap();
+
+    let mut dbg: EphemeralContainer = debug_container(
+        "dbg",
+        Some("writer"),
+        "while [ ! -s /data/note ]; do sleep 0.1; done; cat /data/note; echo \"level=$LEVEL token=$TOKEN\"",
+    );
+    dbg.volume_mounts = Some(
+        serde_json::from_value(
+            serde_json::json!([{"name": "shared", "mountPath": "/data", "readOnly": true}]),
+        )
+        .unwrap(),
+    );
+    dbg.env_from = Some(
+        serde_json::from_value(serde_json::json!([{"configMapRef": {"name": "settings"}}]))
+            .unwrap(),
+    );
+    dbg.env = Some(
+        serde_json::from_value(serde_json::json!([
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}
+        ]))
+        .unwrap(),
+    );
+    stack.add_ephemeral("default", "web", &dbg).await.unwrap();
+    let st = stack
+        .wait_pod("default", "web", "dbg terminated", WAIT, |p| {
+            terminated(p, "dbg")
+        })
+        .await
+        .unwrap();
+    let log = log_of(&stack, &pod, "dbg");
+    assert_eq!(
+        st.state.unwrap().terminated.unwrap().exit_code,
+        0,
+        "log: {log}"
+    );
+    assert_eq!(log.trim(), "written-by-the-app\nlevel=debug token=t0ken");
+    stack.teardown().await.unwrap();
+}
