@@ -146,6 +146,9 @@ pub enum TranslateError {
         /// Its volume source type.
         kind: String,
     },
+    /// Raw block devices from claims (`volumeDevices`) are not mapped.
+    #[error("volumeDevices are not supported by ephemerald (volume {0:?})")]
+    UnsupportedVolumeDevices(String),
     /// `runAsNonRoot` cannot be honoured; the message is the kubelet's.
     #[error("{0}")]
     NonRoot(String),
@@ -212,6 +215,9 @@ pub fn container_config_with(
     let user_image = c.image.clone().unwrap_or_default();
 
     verify_run_as_non_root(pod, c, inp.image)?;
+    if let Some(d) = c.volume_devices.iter().flatten().next() {
+        return Err(TranslateError::UnsupportedVolumeDevices(d.name.clone()));
+    }
     let envs = environment(pod, c, refs)?;
     let lookup = |name: &str| {
         envs.iter()

@@ -1024,6 +1024,15 @@ fn volumes_the_agent_cannot_locate_are_clear_config_errors() {
             "volume \"ro\": recursiveReadOnly: Enabled is not supported by ephemerald",
         ),
     ];
+    let mut case = Case::new();
+    case.container.volume_devices = Some(vec![k8s_openapi::api::core::v1::VolumeDevice {
+        name: "raw".into(),
+        device_path: "/dev/xvda".into(),
+    }]);
+    assert_eq!(
+        case.run().unwrap_err().to_string(),
+        "volumeDevices are not supported by ephemerald (volume \"raw\")"
+    );
     for (vol, rro, want) in table {
         let mut case = Case::new();
         case.refs.claims = BTreeMap::from([(
