@@ -214,11 +214,14 @@ pub fn container_config_with(
     let pod = inp.pod;
     let user_image = c.image.clone().unwrap_or_default();
 
-    verify_run_as_non_root(pod, c, inp.image)?;
+    // The kubelet's order of checks: block devices, env, mounts, then the
+    // non-root policy (GenerateRunContainerOptions before verifyRunAsNonRoot).
     if let Some(d) = c.volume_devices.iter().flatten().next() {
         return Err(TranslateError::UnsupportedVolumeDevices(d.name.clone()));
     }
     let envs = environment(pod, c, refs)?;
+    let mounts = mounts(inp, refs)?;
+    verify_run_as_non_root(pod, c, inp.image)?;
     let lookup = |name: &str| {
         envs.iter()
             .rev()
@@ -253,7 +256,7 @@ pub fn container_config_with(
                 value: value.into_bytes(),
             })
             .collect(),
-        mounts: mounts(inp, refs)?,
+        mounts,
         devices: vec![],
         labels: kubelet::container_labels(pod, &c.name)
             .into_iter()
