@@ -34,8 +34,8 @@ use ephemerald::validation;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, ContainerPort, ContainerStatus, EphemeralContainer, Event, ExecAction,
-    Lifecycle, LifecycleHandler, LocalObjectReference, PersistentVolume, PersistentVolumeClaim,
-    Pod, PodSpec, ResourceRequirements, Secret, VolumeMount,
+    Lifecycle, LifecycleHandler, LocalObjectReference, Node, PersistentVolume,
+    PersistentVolumeClaim, Pod, PodSpec, ResourceRequirements, Secret, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -1982,4 +1982,39 @@ async fn image_pull_secrets_are_the_pulls_credentials() {
         m.starts_with(&format!("Successfully pulled image \"{IMAGE}\""))
     })
     .await;
+}
+
+/// `resourceFieldRef` of an ephemeral container (which has no resources):
+/// requests read 0 and limits the node's allocatable, read from the Node,
+/// divided by the divisor and rounded up, as the kubelet's downward API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_field_refs_read_the_nodes_allocatable() {
+    let mut bed = Bed::new().await;
+    bed.start_agent(Opts::default()).await;
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": NODE},
+        "status": {"allocatable": {"cpu": "3500m", "memory": "7Gi", "pods": "110"}},
+    }))
+    .unwrap();
+    Api::<Node>::all(bed.api.client())
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("node created");
+    let (pod, _) = bed.run_pod(app_pod("res")).await;
+    let c: EphemeralContainer = serde_json::from_value(serde_json::json!({
+        "name": "dbg", "image": BUSYBOX_IMAGE, "command": ["sh"],
+        "env": [
+            {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}},
+            {"name": "MEM_MI", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+            {"name": "REQ", "valueFrom": {"resourceFieldRef": {"resource": "requests.memory"}}},
+        ],
+    }))
+    .unwrap();
+    bed.add_ephemeral("res", &[c]).await;
+    bed.wait_status("res", "dbg", "running", is_running).await;
+    let want: Vec<(String, String)> = [("CPU", "4"), ("MEM_MI", "7168"), ("REQ", "0")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(env_of(&bed.only_container(&pod, "dbg")), want);
 }

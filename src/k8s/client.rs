@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ContainerStatus, Event, EventSource, ObjectReference, PersistentVolume,
+    ConfigMap, ContainerStatus, Event, EventSource, Node, ObjectReference, PersistentVolume,
     PersistentVolumeClaim, Pod, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -126,6 +126,13 @@ impl Cluster for KubeCluster {
                 e,
             )
         })
+    }
+
+    async fn node(&self, name: &str) -> Result<Option<Node>, K8sError> {
+        let api: Api<Node> = Api::all(self.client.clone());
+        api.get_opt(name)
+            .await
+            .map_err(|e| K8sError::from_kube("get", format!("node {name}"), e))
     }
 
     async fn persistent_volume(&self, name: &str) -> Result<Option<PersistentVolume>, K8sError> {

@@ -108,7 +108,7 @@ pub use client::{KubeCluster, spawn_event_writer};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ContainerStatus, PersistentVolume, PersistentVolumeClaim, Secret,
+    ConfigMap, ContainerStatus, Node, PersistentVolume, PersistentVolumeClaim, Secret,
 };
 
 use crate::reconcile::image::DockerConfig;
@@ -217,4 +217,6 @@ pub trait Cluster: Send + Sync {
     ) -> Result<Option<PersistentVolumeClaim>, K8sError>;
     /// A PersistentVolume, if it exists (for volume mounts).
     async fn persistent_volume(&self, name: &str) -> Result<Option<PersistentVolume>, K8sError>;
+    /// The Node, if it exists (its allocatable, for `resourceFieldRef`).
+    async fn node(&self, name: &str) -> Result<Option<Node>, K8sError>;
 }

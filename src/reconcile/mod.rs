@@ -4,6 +4,7 @@
 //! refers to first.
 
 pub mod agent;
+pub mod downward;
 pub mod execute;
 pub mod image;
 pub mod observe;

@@ -1,6 +1,7 @@
 //! Reads the API objects an ephemeral container refers to — the ConfigMaps
-//! and Secrets of its `env`/`envFrom`, the claims (and their persistent
-//! volumes) behind its volume mounts — so that translation stays pure. Each
+//! and Secrets of its `env`/`envFrom`, the node's allocatable for a
+//! `resourceFieldRef`, the claims (and their persistent volumes) behind its
+//! volume mounts — so that translation stays pure. Each
 //! object is read once per start attempt; a missing object is recorded as
 //! missing (translation decides whether that is an error), a failed read is
 //! an error of the attempt.
@@ -49,6 +50,19 @@ pub async fn read(
                 .collect()
         });
         refs.secrets.insert(name, data);
+    }
+    let wants_node = c.env.iter().flatten().any(|v| {
+        v.value_from
+            .as_ref()
+            .is_some_and(|f| f.resource_field_ref.is_some())
+    });
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    if let Some(node) = node.filter(|_| wants_node) {
+        refs.node_allocatable = cluster
+            .node(node)
+            .await?
+            .and_then(|n| n.status)
+            .and_then(|s| s.allocatable);
     }
     for claim in claims_mounted(pod, c) {
         let Some(pvc) = cluster.persistent_volume_claim(ns, &claim).await? else {

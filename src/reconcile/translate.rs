@@ -12,6 +12,8 @@ use k8s_openapi::api::core::v1::{
     Volume,
 };
 
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
 use crate::cri::proto::{
     self, ContainerConfig, ContainerMetadata, ImageSpec, KeyValue, LinuxContainerConfig,
     LinuxContainerSecurityContext, Mount, MountPropagation, NamespaceMode, NamespaceOption,
@@ -73,14 +75,9 @@ pub struct NodeDirs {
 /// all of these as `CreateContainerConfigError`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TranslateError {
-    /// An env var takes its value from a source the agent does not resolve.
-    #[error("env var {name:?}: {source_kind} is not supported by ephemerald")]
-    UnsupportedEnvSource {
-        /// The variable.
-        name: String,
-        /// `resourceFieldRef` (or a newer source).
-        source_kind: &'static str,
-    },
+    /// A `resourceFieldRef` cannot be resolved (the kubelet's words where it has them).
+    #[error(transparent)]
+    Downward(#[from] super::downward::DownwardError),
     /// A ConfigMap or Secret that is not optional does not exist; the
     /// kubelet's watch-based managers word it `configmap "x" not found`.
     #[error("{kind} {name:?} not found")]
@@ -488,7 +485,7 @@ fn seccomp(
 /// server before translation (the kubelet's configMapManager and
 /// secretManager for env; its volume manager for claims). A name that is
 /// absent, or maps to `None`, does not exist.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Referenced {
     /// ConfigMap name → its `data`.
     pub config_maps: BTreeMap<String, Option<BTreeMap<String, String>>>,
@@ -496,6 +493,8 @@ pub struct Referenced {
     pub secrets: BTreeMap<String, Option<BTreeMap<String, Vec<u8>>>>,
     /// Claim name → the persistent volume bound to it (absent: missing or unbound).
     pub claims: BTreeMap<String, BoundClaim>,
+    /// The node's `status.allocatable`, read when a `resourceFieldRef` needs it.
+    pub node_allocatable: Option<BTreeMap<String, Quantity>>,
 }
 
 /// A persistent volume claim's bound volume, as far as its mount path goes.
@@ -564,14 +563,14 @@ fn set_env(out: &mut Vec<(String, String)>, name: &str, value: String) {
 fn environment(
     pod: &Pod,
     c: &EphemeralContainer,
-    sources: &Referenced,
+    refs: &Referenced,
 ) -> Result<Vec<(String, String)>, TranslateError> {
     let namespace = kubelet::namespace(pod);
     let mut out: Vec<(String, String)> = Vec::new();
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.as_deref().unwrap_or_default();
         if let Some(r) = &from.config_map_ref {
-            match sources.config_map(&r.name) {
+            match refs.config_map(&r.name) {
                 Some(data) => {
                     for (k, v) in data {
                         set_env(&mut out, &format!("{prefix}{k}"), v.clone());
@@ -581,7 +580,7 @@ fn environment(
                 None => return Err(not_found("configmap", &r.name)),
             }
         } else if let Some(r) = &from.secret_ref {
-            match sources.secret(&r.name) {
+            match refs.secret(&r.name) {
                 Some(data) => {
                     for (k, v) in data {
                         let v = String::from_utf8_lossy(v).into_owned();
@@ -607,7 +606,7 @@ fn environment(
                     field_value(pod, &f.field_path)?
                 } else if let Some(r) = &src.config_map_key_ref {
                     let optional = r.optional == Some(true);
-                    let Some(data) = sources.config_map(&r.name) else {
+                    let Some(data) = refs.config_map(&r.name) else {
                         if optional {
                             continue;
                         }
@@ -620,7 +619,7 @@ fn environment(
                     }
                 } else if let Some(r) = &src.secret_key_ref {
                     let optional = r.optional == Some(true);
-                    let Some(data) = sources.secret(&r.name) else {
+                    let Some(data) = refs.secret(&r.name) else {
                         if optional {
                             continue;
                         }
@@ -631,15 +630,11 @@ fn environment(
                         None if optional => continue,
                         None => return Err(key_missing("Secret", &r.name, &r.key)),
                     }
+                } else if let Some(r) = &src.resource_field_ref {
+                    super::downward::resource_value(pod, r, refs.node_allocatable.as_ref())?
                 } else {
-                    return Err(TranslateError::UnsupportedEnvSource {
-                        name: var.name.clone(),
-                        source_kind: if src.resource_field_ref.is_some() {
-                            "resourceFieldRef"
-                        } else {
-                            "this valueFrom source"
-                        },
-                    });
+                    // An empty source sets an empty value, as in the kubelet.
+                    String::new()
                 }
             }
             _ => {

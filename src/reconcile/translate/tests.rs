@@ -370,6 +370,7 @@ fn refs() -> Referenced {
             ])),
         )]),
         claims: BTreeMap::new(),
+        node_allocatable: None,
     }
 }
 
@@ -483,27 +484,40 @@ fn missing_sources_and_keys_are_errors_in_the_kubelets_words() {
 }
 
 #[test]
-fn resource_field_refs_and_unknown_field_paths_are_refused_clearly() {
-    let mut case = Case::new();
-    case.container.env = Some(vec![EnvVar {
+fn resource_field_refs_read_the_node_allocatable() {
+    let cpu = |divisor: Option<&str>| EnvVar {
         name: "CPU".into(),
         value: None,
         value_from: Some(EnvVarSource {
             resource_field_ref: Some(ResourceFieldSelector {
                 resource: "limits.cpu".into(),
+                divisor: divisor.map(|d| Quantity(d.into())),
                 ..Default::default()
             }),
             ..Default::default()
         }),
-    }]);
+    };
+    let mut case = Case::new();
+    case.container.env = Some(vec![cpu(None)]);
     assert_eq!(
-        case.run().unwrap_err(),
-        TranslateError::UnsupportedEnvSource {
-            name: "CPU".into(),
-            source_kind: "resourceFieldRef"
-        }
+        case.run().unwrap_err().to_string(),
+        "the allocatable resources of node \"node-a\" are unknown"
     );
+    case.refs.node_allocatable = Some(BTreeMap::from([(
+        "cpu".to_string(),
+        Quantity("3500m".into()),
+    )]));
+    case.container.env = Some(vec![cpu(None), env("MILLI", "$(CPU)000")]);
+    assert_eq!(
+        case.envs().unwrap(),
+        pairs(&[("CPU", "4"), ("MILLI", "4000")])
+    );
+    case.container.env = Some(vec![cpu(Some("1m"))]);
+    assert_eq!(case.envs().unwrap(), pairs(&[("CPU", "3500")]));
+}
 
+#[test]
+fn unknown_field_paths_are_refused_clearly() {
     let mut case = Case::new();
     case.container.env = Some(vec![field_env("X", "spec.bogus")]);
     assert_eq!(

@@ -3,7 +3,7 @@
 //! (`apidiscovery.k8s.io/v2`) form that kubectl asks for first. Lists what
 //! this server serves: pods (with `ephemeralcontainers` and `status`),
 //! events, secrets, configmaps, persistentvolumeclaims, persistentvolumes,
-//! namespaces, `coordination.k8s.io/v1` leases and `events.k8s.io/v1` events.
+//! nodes, namespaces, `coordination.k8s.io/v1` leases and `events.k8s.io/v1` events.
 
 use serde_json::{Value, json};
 
@@ -81,6 +81,16 @@ const CORE: Group = Group {
             namespaced: false,
             verbs: &["get", "list"],
             short: &["ns"],
+            categories: &[],
+            subresources: &[],
+        },
+        Resource {
+            name: "nodes",
+            singular: "node",
+            kind: "Node",
+            namespaced: false,
+            verbs: &["create", "get", "list"],
+            short: &["no"],
             categories: &[],
             subresources: &[],
         },

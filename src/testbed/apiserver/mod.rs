@@ -6,7 +6,7 @@
 //!
 //! What it owns: pods, events (core/v1 and the events.k8s.io/v1 view of
 //! them), secrets, configmaps, persistentvolumeclaims, persistentvolumes
-//! (cluster-scoped: create, get, list) and `coordination.k8s.io/v1` leases,
+//! and nodes (both cluster-scoped: create, get, list) and `coordination.k8s.io/v1` leases,
 //! in memory, under one global resourceVersion counter like etcd's
 //! revision. Namespaces are implicit (every name exists).
 //!

@@ -110,6 +110,8 @@ pub(crate) enum Kind {
     PersistentVolumeClaim,
     /// Cluster-scoped: stored under the namespace "".
     PersistentVolume,
+    /// Cluster-scoped.
+    Node,
     Lease,
 }
 
@@ -121,6 +123,7 @@ impl Kind {
             Kind::ConfigMap => "configmaps",
             Kind::PersistentVolumeClaim => "persistentvolumeclaims",
             Kind::PersistentVolume => "persistentvolumes",
+            Kind::Node => "nodes",
             Kind::Lease => "leases",
         }
     }
@@ -137,6 +140,7 @@ impl Kind {
             Kind::ConfigMap => "ConfigMap",
             Kind::PersistentVolumeClaim => "PersistentVolumeClaim",
             Kind::PersistentVolume => "PersistentVolume",
+            Kind::Node => "Node",
             Kind::Lease => "Lease",
         }
     }
@@ -148,7 +152,7 @@ impl Kind {
     }
     /// Whether objects of the kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        self != Kind::PersistentVolume
+        !matches!(self, Kind::PersistentVolume | Kind::Node)
     }
     /// Kind as `errors.NewInvalid` prints it (`Lease.coordination.k8s.io`).
     pub fn qualified_kind(self) -> String {
