@@ -552,34 +552,40 @@ async fn kubectl_debug_is_started_by_the_agent_and_kubectl_sees_its_status() {
     stack.teardown().await.unwrap();
 }
 
-/// The seeds' main debugging use, end to end through the agent binary: the
-/// pod's writer container puts a file in an `emptyDir`; an ephemeral
-/// container that mounts the volume read-only and takes env from a
-/// ConfigMap and a Secret in the API reads both and exits 0.
+/// The seeds' main debugging use, end to end with the real kubectl and the
+/// agent binary: ConfigMap and Secret made by `kubectl create -f`, the pod's
+/// writer container puts a file in an `emptyDir`, and `kubectl debug
+/// --custom` adds a container that mounts the volume read-only and takes its
+/// env from both; it reads everything and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn debug_container_reads_the_apps_empty_dir_with_env_from_the_api() {
-    use k8s_openapi::api::core::v1::{ConfigMap, Container, EphemeralContainer, Secret};
-    use kube::api::{Api, PostParams};
+async fn kubectl_debug_custom_reads_the_apps_empty_dir_with_env_from_the_api() {
+    use k8s_openapi::api::core::v1::Container;
 
     let stack = stack("e2e-volume").await;
     let _agent = AgentProc::start(&stack, "1s");
-    let client = stack.api.client();
-    let cm: ConfigMap = serde_json::from_value(
-        serde_json::json!({"metadata": {"name": "settings"}, "data": {"LEVEL": "debug"}}),
+    let home = tempfile::tempdir().unwrap();
+    let kubectl = |args: &[&str]| run_kubectl(&stack, home.path(), args);
+    // `kubectl create -f` sends JSON (its typed generators send protobuf,
+    // which the local API server does not take); it serves no OpenAPI
+    // schema, so kubectl's client-side validation is off.
+    let objects = home.path().join("objects.json");
+    std::fs::write(
+        &objects,
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"},
+             "data": {"LEVEL": "debug"}},
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"},
+             "stringData": {"token": "t0ken"}},
+        ]})
+        .to_string(),
     )
     .unwrap();
-    Api::<ConfigMap>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &cm)
-        .await
-        .unwrap();
-    let secret: Secret = serde_json::from_value(
-        serde_json::json!({"metadata": {"name": "creds"}, "stringData": {"token": "t0ken"}}),
-    )
-    .unwrap();
-    Api::<Secret>::namespaced(client, "default")
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    kubectl(&[
+        "create",
+        "--validate=false",
+        "-f",
+        &objects.display().to_string(),
+    ]);
 
     let mut pod = app_pod("web");
     let spec = pod.spec.as_mut().unwrap();
@@ -598,28 +604,32 @@ async fn debug_container_reads_the_apps_empty_dir_with_env_from_the_api() {
     );
     let (pod, _) = stack.run_pod(pod).await.unwrap();
 
-    let mut dbg: EphemeralContainer = debug_container(
+    let custom = home.path().join("custom.json");
+    std::fs::write(
+        &custom,
+        serde_json::json!({
+            "volumeMounts": [{"name": "shared", "mountPath": "/data", "readOnly": true}],
+            "envFrom": [{"configMapRef": {"name": "settings"}}],
+            "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let image = ephemerald::testbed::images::BUSYBOX_IMAGE;
+    kubectl(&[
+        "debug",
+        "web",
+        &format!("--image={image}"),
+        "--image-pull-policy=Never",
+        "--target=writer",
+        "-c",
         "dbg",
-        Some("writer"),
+        &format!("--custom={}", custom.display()),
+        "--",
+        "sh",
+        "-c",
         "while [ ! -s /data/note ]; do sleep 0.1; done; cat /data/note; echo \"level=$LEVEL token=$TOKEN\"",
-    );
-    dbg.volume_mounts = Some(
-        serde_json::from_value(
-            serde_json::json!([{"name": "shared", "mountPath": "/data", "readOnly": true}]),
-        )
-        .unwrap(),
-    );
-    dbg.env_from = Some(
-        serde_json::from_value(serde_json::json!([{"configMapRef": {"name": "settings"}}]))
-            .unwrap(),
-    );
-    dbg.env = Some(
-        serde_json::from_value(serde_json::json!([
-            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}
-        ]))
-        .unwrap(),
-    );
-    stack.add_ephemeral("default", "web", &dbg).await.unwrap();
+    ]);
     let st = stack
         .wait_pod("default", "web", "dbg terminated", WAIT, |p| {
             terminated(p, "dbg")
