@@ -1,8 +1,10 @@
 //! Starting one ephemeral container, step by step as the kubelet's
 //! `startContainer` does: ensure the image (pull policy, pull secrets),
-//! prepare the host side (log directory, termination-message file), build
-//! the config, CreateContainer, StartContainer — with the kubelet's Events
-//! and waiting reasons. A container someone else created first is adopted,
+//! read the ConfigMaps, Secrets, Node and claims the spec refers to
+//! ([`super::refs`]), prepare the host side (log directory,
+//! termination-message file), build the config, check that the pod volumes
+//! it mounts are set up, CreateContainer, StartContainer — with the
+//! kubelet's Events and waiting reasons. A container someone else created first is adopted,
 //! never duplicated.
 
 use std::path::{Path, PathBuf};
