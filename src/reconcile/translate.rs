@@ -75,6 +75,9 @@ pub struct NodeDirs {
 /// all of these as `CreateContainerConfigError`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TranslateError {
+    /// `valueFrom` with no source the agent knows (a newer API field).
+    #[error("env var {0:?}: valueFrom has no source ephemerald supports")]
+    UnknownEnvSource(String),
     /// A `resourceFieldRef` cannot be resolved (the kubelet's words where it has them).
     #[error(transparent)]
     Downward(#[from] super::downward::DownwardError),
@@ -633,8 +636,9 @@ fn environment(
                 } else if let Some(r) = &src.resource_field_ref {
                     super::downward::resource_value(pod, r, refs.node_allocatable.as_ref())?
                 } else {
-                    // An empty source sets an empty value, as in the kubelet.
-                    String::new()
+                    // The API requires one source; none known here means a
+                    // newer one (`fileKeyRef`) that these API types drop.
+                    return Err(TranslateError::UnknownEnvSource(var.name.clone()));
                 }
             }
             _ => {

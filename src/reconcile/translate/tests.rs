@@ -517,7 +517,17 @@ fn resource_field_refs_read_the_node_allocatable() {
 }
 
 #[test]
-fn unknown_field_paths_are_refused_clearly() {
+fn unknown_field_paths_and_sources_are_refused_clearly() {
+    let mut case = Case::new();
+    case.container.env = Some(vec![EnvVar {
+        name: "FILE".into(),
+        value: None,
+        value_from: Some(EnvVarSource::default()),
+    }]);
+    assert_eq!(
+        case.run().unwrap_err().to_string(),
+        "env var \"FILE\": valueFrom has no source ephemerald supports"
+    );
     let mut case = Case::new();
     case.container.env = Some(vec![field_env("X", "spec.bogus")]);
     assert_eq!(
