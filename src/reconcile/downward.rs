@@ -88,8 +88,10 @@ impl Amount {
     /// after both are rounded up to whole units of `1/scale` (Go's
     /// `MilliValue` with scale 1000, `Value` with scale 1).
     fn divided_by(self, divisor: Amount, scale: i128) -> i128 {
+        // Saturating: an absurd quantity gives a huge number, never a panic.
         let up = |a: Amount| {
-            (a.num * scale).div_euclid(a.den) + i128::from((a.num * scale).rem_euclid(a.den) != 0)
+            let scaled = a.num.saturating_mul(scale);
+            scaled.div_euclid(a.den) + i128::from(scaled.rem_euclid(a.den) != 0)
         };
         let (n, d) = (up(self), up(divisor));
         if d == 0 {
@@ -209,9 +211,12 @@ mod tests {
         for (s, num, den) in table {
             assert_eq!(Amount::parse(s), Ok(Amount { num, den }), "{s}");
         }
-        for bad in ["", "m", "1x", "1.2.3", "Gi", "1e"] {
+        for bad in ["", "m", "1x", "1.2.3", "Gi", "1e", "1e40"] {
             assert!(Amount::parse(bad).is_err(), "{bad:?}");
         }
+        // Huge but valid: saturates instead of overflowing.
+        let huge = Amount::parse("1e37").unwrap();
+        assert!(huge.divided_by(Amount::ONE, 1000) > 10i128.pow(30));
     }
 
     fn pod() -> Pod {
