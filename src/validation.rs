@@ -45,6 +45,8 @@ pub const NON_TERMINATED_TRANSITION: &str = "may not be transitioned to non-term
 pub const DEFAULT_TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 
 const PULL_POLICIES: [&str; 3] = ["Always", "IfNotPresent", "Never"];
+const MOUNT_PROPAGATIONS: [&str; 3] = ["Bidirectional", "HostToContainer", "None"];
+const RECURSIVE_READ_ONLY: [&str; 3] = ["Disabled", "Enabled", "IfPossible"];
 const TERMINATION_MESSAGE_POLICIES: [&str; 2] = ["File", "FallbackToLogsOnError"];
 const PORT_PROTOCOLS: [&str; 3] = ["SCTP", "TCP", "UDP"];
 const DNS1123_LABEL_MAX: usize = 63;
@@ -471,6 +473,50 @@ fn validate_container_common(
                 &m.mount_path,
                 "must be unique",
             ));
+        }
+        // kube-apiserver reports these two on the list's path, without the index.
+        let list = format!("{path}.volumeMounts");
+        if let Some(p) = m.mount_propagation.as_deref() {
+            let field = format!("{list}.mountPropagation");
+            if !MOUNT_PROPAGATIONS.contains(&p) {
+                errs.push(FieldError::not_supported(&field, p, &MOUNT_PROPAGATIONS));
+            }
+            let privileged = c
+                .security_context
+                .as_ref()
+                .and_then(|s| s.privileged)
+                .unwrap_or(false);
+            if p == "Bidirectional" && !privileged {
+                errs.push(FieldError::forbidden(
+                    &field,
+                    "Bidirectional mount propagation is available only to privileged containers",
+                ));
+            }
+        }
+        if let Some(rro) = m.recursive_read_only.as_deref() {
+            let field = format!("{list}.recursiveReadOnly");
+            match rro {
+                "Disabled" => {}
+                "Enabled" | "IfPossible" => {
+                    if !m.read_only.unwrap_or(false) {
+                        errs.push(FieldError::forbidden(
+                            &field,
+                            "may only be specified when readOnly is true",
+                        ));
+                    }
+                    if m.mount_propagation.as_deref().is_some_and(|p| p != "None") {
+                        errs.push(FieldError::forbidden(
+                            &field,
+                            "may only be specified when mountPropagation is None or not specified",
+                        ));
+                    }
+                }
+                other => errs.push(FieldError::not_supported(
+                    &field,
+                    other,
+                    &RECURSIVE_READ_ONLY,
+                )),
+            }
         }
     }
     for (j, d) in c.volume_devices.iter().flatten().enumerate() {
@@ -1060,6 +1106,22 @@ mod tests {
                   format!("spec.ephemeralContainers[0].volumeMounts[1].subPathExpr: {FORB}")]),
             ("mount of an unknown volume", json!([{"name": "dbg", "image": "b", "volumeMounts": [{"name": "nosuch", "mountPath": "/a"}]}]),
              vec!["spec.ephemeralContainers[0].volumeMounts[0].name: Not found: \"nosuch\"".into()]),
+            ("mount propagation: Bidirectional needs privileged, unknown modes are not supported",
+             json!([{"name": "dbg", "image": "b", "volumeMounts": [
+                 {"name": "data", "mountPath": "/a", "mountPropagation": "Bidirectional"},
+                 {"name": "data", "mountPath": "/b", "mountPropagation": "Shared"}]},
+                    {"name": "root", "image": "b", "securityContext": {"privileged": true}, "volumeMounts": [
+                 {"name": "data", "mountPath": "/a", "mountPropagation": "Bidirectional"},
+                 {"name": "data", "mountPath": "/b", "mountPropagation": "HostToContainer"}]}]),
+             vec!["spec.ephemeralContainers[0].volumeMounts.mountPropagation: Forbidden: Bidirectional mount propagation is available only to privileged containers".into(),
+                  "spec.ephemeralContainers[0].volumeMounts.mountPropagation: Unsupported value: \"Shared\": supported values: \"Bidirectional\", \"HostToContainer\", \"None\"".into()]),
+            ("recursiveReadOnly needs readOnly and no propagation",
+             json!([{"name": "dbg", "image": "b", "volumeMounts": [
+                 {"name": "data", "mountPath": "/a", "recursiveReadOnly": "Enabled"},
+                 {"name": "data", "mountPath": "/b", "readOnly": true, "recursiveReadOnly": "IfPossible", "mountPropagation": "HostToContainer"},
+                 {"name": "data", "mountPath": "/c", "readOnly": true, "recursiveReadOnly": "Enabled"}]}]),
+             vec!["spec.ephemeralContainers[0].volumeMounts.recursiveReadOnly: Forbidden: may only be specified when readOnly is true".into(),
+                  "spec.ephemeralContainers[0].volumeMounts.recursiveReadOnly: Forbidden: may only be specified when mountPropagation is None or not specified".into()]),
             ("common errors come before the collision and the allow list",
              json!([{"name": "app", "image": "", "ports": [{"containerPort": 80}]}]),
              vec!["spec.ephemeralContainers[0].image: Required value".into(),

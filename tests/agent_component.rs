@@ -3,7 +3,8 @@
 //! real containerd cannot be made to produce (injected CRI failures, a
 //! runtime that goes away, a container someone else created, exit events
 //! with and without `GetContainerEvents`, specs the API server should have
-//! refused, the node Lease in `--mode auto`).
+//! refused, the node Lease in `--mode auto`), and what a spec refers to
+//! through the API (ConfigMaps and Secrets for env, claims, pull secrets).
 //!
 //! Each test stands in for the kubelet's pod path the way `Stack::run_pod`
 //! does (the pod is created in the API server, its sandbox and app container
@@ -32,8 +33,9 @@ use ephemerald::testbed::pod_runner::{PodRunner, RunningPod};
 use ephemerald::validation;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, ContainerStatus, EphemeralContainer, Event, ExecAction, Lifecycle,
-    LifecycleHandler, Pod, PodSpec, ResourceRequirements,
+    ConfigMap, Container, ContainerPort, ContainerStatus, EphemeralContainer, Event, ExecAction,
+    Lifecycle, LifecycleHandler, LocalObjectReference, Node, PersistentVolume,
+    PersistentVolumeClaim, Pod, PodSpec, ResourceRequirements, Secret, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -1704,4 +1706,368 @@ async fn status_is_written_only_on_change_sorted_and_never_moved_back() {
     ));
     assert_eq!(agent_writes(&bed).len(), 3, "a restart writes nothing new");
     assert!(bed.api.rejected_status_writes().is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// 11. What the spec refers to: ConfigMaps and Secrets for env, claims for
+//     volume mounts, pull secrets for images; volumes the pod lacks.
+
+/// Creates a namespaced object in `default` through the API.
+async fn create<K>(bed: &Bed, obj: serde_json::Value) -> K
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let obj: K = serde_json::from_value(obj).expect("a valid object");
+    Api::<K>::namespaced(bed.api.client(), "default")
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("created in the API server")
+}
+
+fn env_of(c: &FakeContainer) -> Vec<(String, String)> {
+    c.config
+        .envs
+        .iter()
+        .map(|kv| {
+            (
+                kv.key.clone(),
+                String::from_utf8_lossy(&kv.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `env[].valueFrom` and `envFrom` are read through the API as the kubelet's
+/// managers do: `envFrom` first (with its prefix), then `env`; optional
+/// references to what does not exist leave the variable out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_from_config_maps_and_secrets_read_through_the_api() {
+    let mut bed = Bed::new().await;
+    bed.start_agent(Opts::default()).await;
+    let (pod, _) = bed.run_pod(app_pod("envs")).await;
+    let _: ConfigMap = create(
+        &bed,
+        serde_json::json!({"metadata": {"name": "settings"},
+                           "data": {"LEVEL": "debug", "MODE": "$(LEVEL)"}}),
+    )
+    .await;
+    let _: Secret = create(
+        &bed,
+        serde_json::json!({"metadata": {"name": "creds"}, "stringData": {"user": "admin"}}),
+    )
+    .await;
+
+    let c: EphemeralContainer = serde_json::from_value(serde_json::json!({
+        "name": "dbg", "image": BUSYBOX_IMAGE, "command": ["sh"],
+        "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"},
+                    {"secretRef": {"name": "absent", "optional": true}}],
+        "env": [
+            {"name": "USER", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "user"}}},
+            {"name": "LEVEL", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "LEVEL"}}},
+            {"name": "GREETING", "value": "$(USER) at $(LEVEL)"},
+            {"name": "GONE", "valueFrom": {"configMapKeyRef": {"name": "absent", "key": "k", "optional": true}}},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
+    }))
+    .unwrap();
+    bed.add_ephemeral("envs", &[c]).await;
+    bed.wait_status("envs", "dbg", "running", is_running).await;
+    let dbg = bed.only_container(&pod, "dbg");
+    let want: Vec<(String, String)> = [
+        ("CFG_LEVEL", "debug"),
+        ("CFG_MODE", "$(LEVEL)"),
+        ("USER", "admin"),
+        ("LEVEL", "debug"),
+        ("GREETING", "admin at debug"),
+        ("POD", "envs"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(env_of(&dbg), want);
+}
+
+/// A required ConfigMap that does not exist, then one without the key: each
+/// a `CreateContainerConfigError` with the kubelet's words and a Warning
+/// Event, retried with backoff; once the key is there the container starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_config_map_or_key_is_a_config_error_until_it_appears() {
+    let mut bed = Bed::new().await;
+    bed.start_agent(Opts::default()).await;
+    let (pod, _) = bed.run_pod(app_pod("later")).await;
+    let c: EphemeralContainer = serde_json::from_value(serde_json::json!({
+        "name": "dbg", "image": BUSYBOX_IMAGE, "command": ["sh"],
+        "env": [{"name": "K", "valueFrom": {"configMapKeyRef": {"name": "later", "key": "k"}}}],
+    }))
+    .unwrap();
+    bed.add_ephemeral("later", &[c, debug("other", None)]).await;
+
+    for message in [
+        "configmap \"later\" not found",
+        "couldn't find key k in ConfigMap default/later",
+    ] {
+        let st = bed
+            .wait_status("later", "dbg", message, |s| {
+                waiting(s) == Some(("CreateContainerConfigError", message))
+            })
+            .await;
+        assert!(!is_running(&st));
+        let ev = bed
+            .wait_event("later", "dbg", "Failed", |m| {
+                m == format!("Error: {message}")
+            })
+            .await;
+        assert_eq!(ev.type_.as_deref(), Some("Warning"));
+        assert!(bed.runtime_containers(&pod, "dbg").is_empty());
+        // The other container of the pod is not held up.
+        bed.wait_status("later", "other", "running", is_running)
+            .await;
+        if message.starts_with("configmap") {
+            let _: ConfigMap = create(
+                &bed,
+                serde_json::json!({"metadata": {"name": "later"}, "data": {"j": "1"}}),
+            )
+            .await;
+        }
+    }
+    Api::<ConfigMap>::namespaced(bed.api.client(), "default")
+        .patch(
+            "later",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"data": {"k": "found"}})),
+        )
+        .await
+        .expect("key added");
+    bed.wait_status("later", "dbg", "running", is_running).await;
+    assert_eq!(
+        env_of(&bed.only_container(&pod, "dbg")),
+        [("K".to_string(), "found".to_string())]
+    );
+}
+
+/// A mount of a volume the pod does not have (a spec the API server should
+/// have refused) is a `CreateContainerConfigError` with kube-apiserver's
+/// message and one Warning Event; the pod's other container starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_of_a_volume_the_pod_lacks_is_a_config_error() {
+    let mut bed = Bed::new().await;
+    bed.start_agent(Opts::default()).await;
+    let (pod, _) = bed.run_pod(app_pod("novol")).await;
+    let mut bad = debug("bad", Some("app"));
+    bad.volume_mounts = Some(vec![VolumeMount {
+        name: "nosuch".into(),
+        mount_path: "/data".into(),
+        ..Default::default()
+    }]);
+    let mut stored = bed.pod("novol");
+    let ecs: Vec<EphemeralContainer> = [bad, debug("good", Some("app"))]
+        .into_iter()
+        .map(|mut c| {
+            validation::default_ephemeral_container(&mut c);
+            c
+        })
+        .collect();
+    stored.spec.as_mut().expect("spec").ephemeral_containers = Some(ecs);
+    bed.api.put_pod_unchecked(stored);
+
+    let message = "spec.ephemeralContainers[0].volumeMounts[0].name: Not found: \"nosuch\"";
+    let st = bed
+        .wait_status("novol", "bad", "waiting CreateContainerConfigError", |s| {
+            waiting_reason(s) == Some("CreateContainerConfigError")
+        })
+        .await;
+    assert_eq!(waiting(&st), Some(("CreateContainerConfigError", message)));
+    let ev = bed
+        .wait_event("novol", "bad", "Failed", |m| {
+            m == format!("Error: {message}")
+        })
+        .await;
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    bed.wait_status("novol", "good", "running", is_running)
+        .await;
+    assert!(bed.runtime_containers(&pod, "bad").is_empty());
+}
+
+/// A `persistentVolumeClaim` volume is mounted from where the kubelet's CSI
+/// plugin mounted the bound volume (`kubernetes.io~csi/<pv>/mount`); a claim
+/// that is not bound is a clear `CreateContainerConfigError`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_mount_the_bound_persistent_volume() {
+    let mut bed = Bed::new().await;
+    bed.start_agent(Opts::default()).await;
+    let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "pv-data"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "csi": {"driver": "example.csi.k8s.io", "volumeHandle": "vol-1"}},
+    }))
+    .unwrap();
+    Api::<PersistentVolume>::all(bed.api.client())
+        .create(&PostParams::default(), &pv)
+        .await
+        .expect("persistent volume created");
+    let _: PersistentVolumeClaim = create(
+        &bed,
+        serde_json::json!({"metadata": {"name": "data"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "volumeName": "pv-data",
+                     "resources": {"requests": {"storage": "1Gi"}}},
+            "status": {"phase": "Bound"}}),
+    )
+    .await;
+    let _: PersistentVolumeClaim = create(
+        &bed,
+        serde_json::json!({"metadata": {"name": "waiting"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            "status": {"phase": "Pending"}}),
+    )
+    .await;
+    let mut app = app_pod("claims");
+    app.spec.as_mut().unwrap().volumes = Some(
+        serde_json::from_value(serde_json::json!([
+            {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+            {"name": "pending", "persistentVolumeClaim": {"claimName": "waiting"}},
+        ]))
+        .unwrap(),
+    );
+    let (pod, _) = bed.run_pod(app).await;
+    // The kubelet's CSI plugin would have mounted the volume here.
+    let mounted =
+        kubelet::pod_dir(&bed.dirs.pods, &pod).join("volumes/kubernetes.io~csi/pv-data/mount");
+    std::fs::create_dir_all(&mounted).unwrap();
+
+    let mut dbg = debug("dbg", Some("app"));
+    dbg.volume_mounts = Some(vec![VolumeMount {
+        name: "data".into(),
+        mount_path: "/data".into(),
+        read_only: Some(true),
+        ..Default::default()
+    }]);
+    let mut dbg2 = debug("dbg2", Some("app"));
+    dbg2.volume_mounts = Some(vec![VolumeMount {
+        name: "pending".into(),
+        mount_path: "/data".into(),
+        ..Default::default()
+    }]);
+    bed.add_ephemeral("claims", &[dbg, dbg2]).await;
+
+    bed.wait_status("claims", "dbg", "running", is_running)
+        .await;
+    let mount = bed
+        .only_container(&pod, "dbg")
+        .config
+        .mounts
+        .into_iter()
+        .find(|m| m.container_path == "/data")
+        .expect("the claim is mounted");
+    assert_eq!(mount.host_path, mounted.display().to_string());
+    assert!(mount.readonly);
+
+    let message =
+        "volume \"pending\": persistentvolumeclaim \"waiting\" is not bound to a persistent volume";
+    bed.wait_status("claims", "dbg2", message, |s| {
+        waiting(s) == Some(("CreateContainerConfigError", message))
+    })
+    .await;
+    bed.wait_event("claims", "dbg2", "Failed", |m| {
+        m == format!("Error: {message}")
+    })
+    .await;
+    assert!(bed.runtime_containers(&pod, "dbg2").is_empty());
+}
+
+/// `imagePullSecrets` become CRI credentials for the image's registry: a
+/// private image pulls with the pod's secret and is refused without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_pull_secrets_are_the_pulls_credentials() {
+    const IMAGE: &str = "registry.example/team/tool:2";
+    let mut bed = Bed::new().await;
+    bed.fake
+        .add_to_registry(FakeImage::new(IMAGE).with_auth("me", "secret"));
+    bed.start_agent(Opts::default()).await;
+    let config = serde_json::json!({"auths": {"registry.example": {"username": "me", "password": "secret"}}});
+    let _: Secret = create(
+        &bed,
+        serde_json::json!({"metadata": {"name": "regcred"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "stringData": {".dockerconfigjson": config.to_string()}}),
+    )
+    .await;
+
+    let mut with_secret = app_pod("private");
+    with_secret.spec.as_mut().unwrap().image_pull_secrets = Some(vec![LocalObjectReference {
+        name: "regcred".into(),
+    }]);
+    let (pod, _) = bed.run_pod(with_secret).await;
+    bed.run_pod(app_pod("public")).await;
+    let mut c = debug("dbg", Some("app"));
+    c.image = Some(IMAGE.into());
+    // Without credentials first: once pulled, the image is on the node for every pod.
+    bed.add_ephemeral("public", std::slice::from_ref(&c)).await;
+    let st = bed
+        .wait_status("public", "dbg", "waiting on the image", |s| {
+            matches!(waiting_reason(s), Some("ErrImagePull" | "ImagePullBackOff"))
+        })
+        .await;
+    let (_, message) = waiting(&st).unwrap();
+    assert!(
+        message.contains("pull access denied"),
+        "no credentials, no pull: {message}"
+    );
+    assert!(
+        bed.fake
+            .images()
+            .iter()
+            .all(|i| i.references.iter().all(|r| !r.contains("registry.example")))
+    );
+
+    bed.add_ephemeral("private", &[c]).await;
+    bed.wait_status("private", "dbg", "running", is_running)
+        .await;
+    assert_eq!(
+        bed.only_container(&pod, "dbg").image_ref,
+        bed.image_id(IMAGE)
+    );
+    bed.wait_event("private", "dbg", "Pulled", |m| {
+        m.starts_with(&format!("Successfully pulled image \"{IMAGE}\""))
+    })
+    .await;
+}
+
+/// `resourceFieldRef` of an ephemeral container (which has no resources):
+/// requests read 0 and limits the node's allocatable, read from the Node,
+/// divided by the divisor and rounded up, as the kubelet's downward API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_field_refs_read_the_nodes_allocatable() {
+    let mut bed = Bed::new().await;
+    bed.start_agent(Opts::default()).await;
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": NODE},
+        "status": {"allocatable": {"cpu": "3500m", "memory": "7Gi", "pods": "110"}},
+    }))
+    .unwrap();
+    Api::<Node>::all(bed.api.client())
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("node created");
+    let (pod, _) = bed.run_pod(app_pod("res")).await;
+    let c: EphemeralContainer = serde_json::from_value(serde_json::json!({
+        "name": "dbg", "image": BUSYBOX_IMAGE, "command": ["sh"],
+        "env": [
+            {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}},
+            {"name": "MEM_MI", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+            {"name": "REQ", "valueFrom": {"resourceFieldRef": {"resource": "requests.memory"}}},
+        ],
+    }))
+    .unwrap();
+    bed.add_ephemeral("res", &[c]).await;
+    bed.wait_status("res", "dbg", "running", is_running).await;
+    let want: Vec<(String, String)> = [("CPU", "4"), ("MEM_MI", "7168"), ("REQ", "0")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(env_of(&bed.only_container(&pod, "dbg")), want);
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 use ephemerald::testbed::apiserver::LocalApiServer;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Event, Pod, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Event, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
+};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::core::Status;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -1282,6 +1284,98 @@ async fn events_leases_secrets_and_discovery() {
             .groups
             .iter()
             .any(|g| g.name == "coordination.k8s.io")
+    );
+    server.shutdown().await;
+}
+
+/// ConfigMaps and PersistentVolumeClaims are namespaced like Secrets;
+/// PersistentVolumes are cluster-scoped: served at `/api/v1/persistentvolumes`,
+/// not under a namespace. Missing objects are 404 Status bodies in
+/// kube-apiserver's words.
+#[tokio::test]
+async fn configmaps_claims_and_persistent_volumes() {
+    let server = LocalApiServer::start().await.unwrap();
+    let client = server.client();
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cm: ConfigMap = serde_json::from_value(
+        json!({"metadata": {"name": "settings"}, "data": {"LEVEL": "debug"}}),
+    )
+    .unwrap();
+    maps.create(&PostParams::default(), &cm).await.unwrap();
+    let got = maps.get("settings").await.unwrap();
+    assert_eq!(got.data.unwrap()["LEVEL"], "debug");
+    assert_eq!(got.metadata.namespace.as_deref(), Some("default"));
+    let missing = api_error(maps.get("absent").await.unwrap_err());
+    assert_eq!(
+        (
+            missing.code,
+            missing.reason.as_str(),
+            missing.message.as_str()
+        ),
+        (404, "NotFound", "configmaps \"absent\" not found")
+    );
+    assert!(maps.get_opt("absent").await.unwrap().is_none());
+
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "volumeName": "pv-1",
+                 "resources": {"requests": {"storage": "1Gi"}}},
+        "status": {"phase": "Bound"}}))
+    .unwrap();
+    claims.create(&PostParams::default(), &pvc).await.unwrap();
+    let got = claims.get("data").await.unwrap();
+    assert_eq!(got.spec.unwrap().volume_name.as_deref(), Some("pv-1"));
+
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": "pv-1", "namespace": "ignored"},
+        "spec": {"capacity": {"storage": "1Gi"}, "csi": {"driver": "d", "volumeHandle": "h"}}}))
+    .unwrap();
+    let created = pvs.create(&PostParams::default(), &pv).await.unwrap();
+    assert_eq!(created.metadata.namespace, None, "cluster-scoped");
+    assert_eq!(pvs.get("pv-1").await.unwrap(), created);
+    assert_eq!(
+        pvs.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+    let missing = api_error(pvs.get("pv-2").await.unwrap_err());
+    assert_eq!(missing.message, "persistentvolumes \"pv-2\" not found");
+    let namespaced: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &kube::api::ApiResource::erase::<PersistentVolume>(&()),
+    );
+    let err = api_error(namespaced.get("pv-1").await.unwrap_err());
+    assert_eq!(
+        (err.code, err.message.as_str()),
+        (404, "the server could not find the requested resource")
+    );
+    let err = api_error(
+        Api::<Secret>::all(client.clone())
+            .create(&PostParams::default(), &Secret::default())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        err.code, 404,
+        "namespaced kinds are not created outside a namespace"
+    );
+
+    let core = client.list_core_api_resources("v1").await.unwrap();
+    let scoped: Vec<(&str, bool)> = core
+        .resources
+        .iter()
+        .filter(|r| r.name.starts_with("configmaps") || r.name.starts_with("persistent"))
+        .map(|r| (r.name.as_str(), r.namespaced))
+        .collect();
+    assert_eq!(
+        scoped,
+        [
+            ("configmaps", true),
+            ("persistentvolumeclaims", true),
+            ("persistentvolumes", false)
+        ]
     );
     server.shutdown().await;
 }

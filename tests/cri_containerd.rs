@@ -17,7 +17,7 @@ use ephemerald::reconcile::observe;
 use ephemerald::reconcile::plan::{self, Gates};
 use ephemerald::reconcile::translate::{self, HostFiles, ResolvedImage};
 use ephemerald::testbed::pod_runner::RunningPod;
-use k8s_openapi::api::core::v1::{EphemeralContainer, Pod};
+use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -556,5 +556,290 @@ async fn exit_events_arrive_from_containerd() {
     assert!(ids.contains(&got.container_id));
     cancel.cancel();
     task.await.unwrap();
+    bed.stop().await;
+}
+
+/// The seeds' main debugging use, on real containerd: a container of the pod
+/// writes into an `emptyDir` and a `hostPath` (`DirectoryOrCreate`) that
+/// the pod runner set up where the kubelet would; an ephemeral container
+/// that mounts both reads what it wrote, sees the read-only mount refuse a
+/// write, and writes through the read-write one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_container_reads_what_the_app_wrote_into_pod_volumes() {
+    let bed = Bed::start("cri-volumes").await;
+    let host_share = bed.containerd.dir().join("host-share");
+    let mut pod = app_pod("volumes");
+    let spec = pod.spec.as_mut().unwrap();
+    spec.volumes = Some(vec![
+        serde_json::from_value(serde_json::json!({"name": "shared", "emptyDir": {}})).unwrap(),
+        serde_json::from_value(serde_json::json!({"name": "host", "hostPath": {
+            "path": host_share.display().to_string(), "type": "DirectoryOrCreate"}}))
+        .unwrap(),
+    ]);
+    let writer: Container = serde_json::from_value(serde_json::json!({
+        "name": "writer",
+        "image": ephemerald::testbed::images::BUSYBOX_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["sh", "-c",
+            "echo from-the-app > /shared/note && echo on-the-host > /host/note && sleep 60"],
+        "volumeMounts": [{"name": "shared", "mountPath": "/shared"},
+                         {"name": "host", "mountPath": "/host"}],
+    }))
+    .unwrap();
+    spec.containers.push(writer);
+    let running = bed.runner.run(&pod).await.expect("pod runs");
+
+    let empty_dir =
+        kubelet::pod_dir(&bed.dirs.pods, &pod).join("volumes/kubernetes.io~empty-dir/shared");
+    eventually("the app's file in the emptyDir", WAIT, || async {
+        std::fs::read_to_string(empty_dir.join("note")).ok()
+    })
+    .await;
+
+    let mut dbg = debug_container(
+        "dbg",
+        Some("writer"),
+        "cat /data/note /hostdata/note; if touch /data/x; then exit 3; fi; echo from-dbg > /hostdata/reply",
+    );
+    dbg.volume_mounts = Some(
+        serde_json::from_value(serde_json::json!([
+            {"name": "shared", "mountPath": "/data", "readOnly": true},
+            {"name": "host", "mountPath": "/hostdata"},
+        ]))
+        .unwrap(),
+    );
+    let events = MemoryEvents::default();
+    let id = started_id(
+        start(
+            &bed,
+            &running,
+            &pod,
+            &dbg,
+            Some(&running.containers["writer"]),
+            &events,
+        )
+        .await
+        .expect("starts"),
+    );
+    wait_state(&bed, &id, ContainerState::ContainerExited).await;
+    let status = bed.cri.container_status(&id, false).await.unwrap();
+    let log = log_text(&log_path(&bed, &pod, "dbg")).unwrap_or_default();
+    assert_eq!(
+        status.status.map(|s| s.exit_code),
+        Some(0),
+        "the debug container read both files and could not write the read-only mount; log: {log}"
+    );
+    assert!(log.contains("from-the-app"), "{log}");
+    assert!(log.contains("on-the-host"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(host_share.join("reply")).unwrap(),
+        "from-dbg\n"
+    );
+    assert!(!empty_dir.join("x").exists());
+    bed.stop().await;
+}
+
+/// A mount of a kubelet-managed volume whose directory is not set up on the
+/// node is a `CreateContainerConfigError` before anything is created (the
+/// runtime would otherwise mount an empty directory of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_not_set_up_on_the_node_is_a_config_error() {
+    let bed = Bed::start("cri-novol").await;
+    let mut pod = app_pod("novol");
+    pod.spec.as_mut().unwrap().volumes = Some(vec![
+        serde_json::from_value(
+            serde_json::json!({"name": "cfg", "configMap": {"name": "settings"}}),
+        )
+        .unwrap(),
+    ]);
+    let running = bed.runner.run(&pod).await.expect("pod runs");
+    let mut dbg = debug_container("dbg", Some("app"), "ls /cfg");
+    dbg.volume_mounts = Some(vec![k8s_openapi::api::core::v1::VolumeMount {
+        name: "cfg".into(),
+        mount_path: "/cfg".into(),
+        ..Default::default()
+    }]);
+    let events = MemoryEvents::default();
+    let err = start(
+        &bed,
+        &running,
+        &pod,
+        &dbg,
+        Some(&running.containers["app"]),
+        &events,
+    )
+    .await
+    .unwrap_err();
+    let dir = kubelet::pod_dir(&bed.dirs.pods, &pod).join("volumes/kubernetes.io~configmap/cfg");
+    assert_eq!(err.reason, "CreateContainerConfigError");
+    assert_eq!(
+        err.message,
+        format!(
+            "volume for mount /cfg is not set up on this node: {} does not exist",
+            dir.display()
+        )
+    );
+    assert!(err.retryable);
+    assert!(!dir.exists(), "nothing was created in its place");
+    assert!(
+        events
+            .reasons()
+            .contains(&("Failed".to_string(), format!("Error: {}", err.message))),
+        "{:?}",
+        events.reasons()
+    );
+    bed.stop().await;
+}
+
+async fn exit_code(bed: &Bed, id: &str) -> Option<i32> {
+    let st = bed.cri.container_status(id, false).await.unwrap();
+    st.status.map(|s| s.exit_code)
+}
+
+/// Unmounts (deepest first) on drop, so a failing test leaves no mounts.
+struct Mounts(Vec<std::path::PathBuf>);
+
+impl Mounts {
+    fn run(&mut self, args: &[&str], target: &std::path::Path) {
+        let ok = std::process::Command::new("mount")
+            .args(args)
+            .arg(target)
+            .status()
+            .expect("mount runs")
+            .success();
+        assert!(ok, "mount {args:?} {}", target.display());
+        self.0.push(target.to_path_buf());
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for m in self.0.iter().rev() {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .status();
+        }
+    }
+}
+
+/// `mountPropagation` reaches runc as the kubelet's CRI propagation, on
+/// real containerd: `HostToContainer` shows the container a mount made on
+/// the host after it started; `Bidirectional` (privileged) shows the host a
+/// mount made in the container; and containerd itself refuses
+/// `HostToContainer` of a path whose mount is private
+/// (`CreateContainerError` with its message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_propagation_reaches_the_runtime() {
+    let bed = Bed::start("cri-propagation").await;
+    let shared = bed.containerd.dir().join("shared");
+    let private = bed.containerd.dir().join("private");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::create_dir_all(&private).unwrap();
+    let mut mounts = Mounts(vec![]);
+    mounts.run(&["--bind", &shared.display().to_string()], &shared);
+    mounts.run(&["--make-shared"], &shared);
+    mounts.run(&["--bind", &private.display().to_string()], &private);
+    mounts.run(&["--make-private"], &private);
+    std::fs::create_dir_all(shared.join("from-host")).unwrap();
+    std::fs::create_dir_all(shared.join("from-container")).unwrap();
+
+    let mount_of = |volume: &str, path: &str, mode: &str| serde_json::json!({"name": volume, "mountPath": path, "mountPropagation": mode});
+    let mut watcher = debug_container(
+        "watcher",
+        Some("app"),
+        "while [ ! -f /mnt/from-host/marker ]; do sleep 0.1; done; echo seen",
+    );
+    watcher.volume_mounts = Some(
+        serde_json::from_value(serde_json::json!([mount_of(
+            "shared",
+            "/mnt",
+            "HostToContainer"
+        )]))
+        .unwrap(),
+    );
+    let mut mounter = debug_container(
+        "mounter",
+        Some("app"),
+        "mount -t tmpfs tmpfs /mnt/from-container && touch /mnt/from-container/marker",
+    );
+    mounter.security_context = Some(k8s_openapi::api::core::v1::SecurityContext {
+        privileged: Some(true),
+        ..Default::default()
+    });
+    mounter.volume_mounts = Some(
+        serde_json::from_value(serde_json::json!([mount_of(
+            "shared",
+            "/mnt",
+            "Bidirectional"
+        )]))
+        .unwrap(),
+    );
+    let mut refused = debug_container("refused", Some("app"), "true");
+    refused.volume_mounts = Some(
+        serde_json::from_value(serde_json::json!([mount_of(
+            "private",
+            "/mnt",
+            "HostToContainer"
+        )]))
+        .unwrap(),
+    );
+
+    let mut pod = app_pod("propagation");
+    let spec = pod.spec.as_mut().unwrap();
+    spec.volumes = Some(
+        serde_json::from_value(serde_json::json!([
+            {"name": "shared", "hostPath": {"path": shared.display().to_string()}},
+            {"name": "private", "hostPath": {"path": private.display().to_string()}},
+        ]))
+        .unwrap(),
+    );
+    // A privileged container needs a privileged sandbox: the kubelet decides
+    // that from every container the pod has when the sandbox is created.
+    spec.ephemeral_containers = Some(vec![mounter.clone()]);
+    let running = bed.runner.run(&pod).await.expect("pod runs");
+    let app = running.containers["app"].clone();
+    let events = MemoryEvents::default();
+
+    let watcher_id = started_id(
+        start(&bed, &running, &pod, &watcher, Some(&app), &events)
+            .await
+            .expect("watcher starts"),
+    );
+    wait_state(&bed, &watcher_id, ContainerState::ContainerRunning).await;
+    mounts.run(&["-t", "tmpfs", "tmpfs"], &shared.join("from-host"));
+    std::fs::write(shared.join("from-host/marker"), "").unwrap();
+    wait_state(&bed, &watcher_id, ContainerState::ContainerExited).await;
+    assert_eq!(exit_code(&bed, &watcher_id).await, Some(0));
+    assert!(
+        log_text(&log_path(&bed, &pod, "watcher"))
+            .unwrap_or_default()
+            .contains("seen")
+    );
+
+    let mounter_id = started_id(
+        start(&bed, &running, &pod, &mounter, Some(&app), &events)
+            .await
+            .expect("mounter starts"),
+    );
+    wait_state(&bed, &mounter_id, ContainerState::ContainerExited).await;
+    let log = log_text(&log_path(&bed, &pod, "mounter")).unwrap_or_default();
+    assert_eq!(exit_code(&bed, &mounter_id).await, Some(0), "{log}");
+    mounts.0.push(shared.join("from-container"));
+    assert!(
+        shared.join("from-container/marker").exists(),
+        "the container's mount propagated to the host"
+    );
+
+    let err = start(&bed, &running, &pod, &refused, Some(&app), &events)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason, "CreateContainerError");
+    assert!(
+        err.message.contains("is not a shared or slave mount"),
+        "{}",
+        err.message
+    );
+    drop(mounts);
     bed.stop().await;
 }

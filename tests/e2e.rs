@@ -551,3 +551,97 @@ async fn kubectl_debug_is_started_by_the_agent_and_kubectl_sees_its_status() {
     );
     stack.teardown().await.unwrap();
 }
+
+/// The seeds' main debugging use, end to end with the real kubectl and the
+/// agent binary: ConfigMap and Secret made by `kubectl create -f`, the pod's
+/// writer container puts a file in an `emptyDir`, and `kubectl debug
+/// --custom` adds a container that mounts the volume read-only and takes its
+/// env from both; it reads everything and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_debug_custom_reads_the_apps_empty_dir_with_env_from_the_api() {
+    use k8s_openapi::api::core::v1::Container;
+
+    let stack = stack("e2e-volume").await;
+    let _agent = AgentProc::start(&stack, "1s");
+    let home = tempfile::tempdir().unwrap();
+    let kubectl = |args: &[&str]| run_kubectl(&stack, home.path(), args);
+    // `kubectl create -f` sends JSON (its typed generators send protobuf,
+    // which the local API server does not take); it serves no OpenAPI
+    // schema, so kubectl's client-side validation is off.
+    let objects = home.path().join("objects.json");
+    std::fs::write(
+        &objects,
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"},
+             "data": {"LEVEL": "debug"}},
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"},
+             "stringData": {"token": "t0ken"}},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    kubectl(&[
+        "create",
+        "--validate=false",
+        "-f",
+        &objects.display().to_string(),
+    ]);
+
+    let mut pod = app_pod("web");
+    let spec = pod.spec.as_mut().unwrap();
+    spec.volumes = Some(vec![
+        serde_json::from_value(serde_json::json!({"name": "shared", "emptyDir": {}})).unwrap(),
+    ]);
+    spec.containers.push(
+        serde_json::from_value::<Container>(serde_json::json!({
+            "name": "writer",
+            "image": ephemerald::testbed::images::BUSYBOX_IMAGE,
+            "imagePullPolicy": "Never",
+            "command": ["sh", "-c", "echo written-by-the-app > /shared/note; sleep 60"],
+            "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+        }))
+        .unwrap(),
+    );
+    let (pod, _) = stack.run_pod(pod).await.unwrap();
+
+    let custom = home.path().join("custom.json");
+    std::fs::write(
+        &custom,
+        serde_json::json!({
+            "volumeMounts": [{"name": "shared", "mountPath": "/data", "readOnly": true}],
+            "envFrom": [{"configMapRef": {"name": "settings"}}],
+            "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let image = ephemerald::testbed::images::BUSYBOX_IMAGE;
+    kubectl(&[
+        "debug",
+        "web",
+        &format!("--image={image}"),
+        "--image-pull-policy=Never",
+        "--target=writer",
+        "-c",
+        "dbg",
+        &format!("--custom={}", custom.display()),
+        "--",
+        "sh",
+        "-c",
+        "while [ ! -s /data/note ]; do sleep 0.1; done; cat /data/note; echo \"level=$LEVEL token=$TOKEN\"",
+    ]);
+    let st = stack
+        .wait_pod("default", "web", "dbg terminated", WAIT, |p| {
+            terminated(p, "dbg")
+        })
+        .await
+        .unwrap();
+    let log = log_of(&stack, &pod, "dbg");
+    assert_eq!(
+        st.state.unwrap().terminated.unwrap().exit_code,
+        0,
+        "log: {log}"
+    );
+    assert_eq!(log.trim(), "written-by-the-app\nlevel=debug token=t0ken");
+    stack.teardown().await.unwrap();
+}

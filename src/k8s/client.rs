@@ -4,7 +4,8 @@ use std::time::SystemTime;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
-    ContainerStatus, Event, EventSource, ObjectReference, Pod, Secret,
+    ConfigMap, ContainerStatus, Event, EventSource, Node, ObjectReference, PersistentVolume,
+    PersistentVolumeClaim, Pod, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -96,6 +97,49 @@ impl Cluster for KubeCluster {
         api.get_opt(node)
             .await
             .map_err(|e| K8sError::from_kube("get", format!("lease kube-node-lease/{node}"), e))
+    }
+
+    async fn config_map(&self, namespace: &str, name: &str) -> Result<Option<ConfigMap>, K8sError> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        api.get_opt(name)
+            .await
+            .map_err(|e| K8sError::from_kube("get", format!("configmap {namespace}/{name}"), e))
+    }
+
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Option<Secret>, K8sError> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        api.get_opt(name)
+            .await
+            .map_err(|e| K8sError::from_kube("get", format!("secret {namespace}/{name}"), e))
+    }
+
+    async fn persistent_volume_claim(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<PersistentVolumeClaim>, K8sError> {
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), namespace);
+        api.get_opt(name).await.map_err(|e| {
+            K8sError::from_kube(
+                "get",
+                format!("persistentvolumeclaim {namespace}/{name}"),
+                e,
+            )
+        })
+    }
+
+    async fn node(&self, name: &str) -> Result<Option<Node>, K8sError> {
+        let api: Api<Node> = Api::all(self.client.clone());
+        api.get_opt(name)
+            .await
+            .map_err(|e| K8sError::from_kube("get", format!("node {name}"), e))
+    }
+
+    async fn persistent_volume(&self, name: &str) -> Result<Option<PersistentVolume>, K8sError> {
+        let api: Api<PersistentVolume> = Api::all(self.client.clone());
+        api.get_opt(name)
+            .await
+            .map_err(|e| K8sError::from_kube("get", format!("persistentvolume {name}"), e))
     }
 }
 

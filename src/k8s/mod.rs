@@ -107,7 +107,9 @@ mod client;
 pub use client::{KubeCluster, spawn_event_writer};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::ContainerStatus;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ContainerStatus, Node, PersistentVolume, PersistentVolumeClaim, Secret,
+};
 
 use crate::reconcile::image::DockerConfig;
 
@@ -203,4 +205,18 @@ pub trait Cluster: Send + Sync {
     ) -> Result<Vec<DockerConfig>, K8sError>;
     /// The node's Lease in `kube-node-lease`, if there is one.
     async fn node_lease(&self, node: &str) -> Result<Option<Lease>, K8sError>;
+    /// A ConfigMap, if it exists (for env).
+    async fn config_map(&self, namespace: &str, name: &str) -> Result<Option<ConfigMap>, K8sError>;
+    /// A Secret, if it exists (for env).
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Option<Secret>, K8sError>;
+    /// A PersistentVolumeClaim, if it exists (for volume mounts).
+    async fn persistent_volume_claim(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<PersistentVolumeClaim>, K8sError>;
+    /// A PersistentVolume, if it exists (for volume mounts).
+    async fn persistent_volume(&self, name: &str) -> Result<Option<PersistentVolume>, K8sError>;
+    /// The Node, if it exists (its allocatable, for `resourceFieldRef`).
+    async fn node(&self, name: &str) -> Result<Option<Node>, K8sError>;
 }

@@ -503,7 +503,14 @@ impl Agent {
                     sandbox_config: &sandbox_config,
                     pull_auths: &auths,
                 };
-                let result = execute::start(&cx, pod, c, target_id.as_deref()).await;
+                let result = execute::start_with(
+                    &cx,
+                    Some(self.cluster.as_ref()),
+                    pod,
+                    c,
+                    target_id.as_deref(),
+                )
+                .await;
                 self.after_start(
                     pod,
                     uid,

@@ -1,8 +1,10 @@
 //! Starting one ephemeral container, step by step as the kubelet's
 //! `startContainer` does: ensure the image (pull policy, pull secrets),
-//! prepare the host side (log directory, termination-message file), build
-//! the config, CreateContainer, StartContainer — with the kubelet's Events
-//! and waiting reasons. A container someone else created first is adopted,
+//! read the ConfigMaps, Secrets, Node and claims the spec refers to
+//! ([`super::refs`]), prepare the host side (log directory,
+//! termination-message file), build the config, check that the pod volumes
+//! it mounts are set up, CreateContainer, StartContainer — with the
+//! kubelet's Events and waiting reasons. A container someone else created first is adopted,
 //! never duplicated.
 
 use std::path::{Path, PathBuf};
@@ -11,10 +13,11 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::core::v1::{EphemeralContainer, Pod};
 
 use super::image::{self, PullPolicy};
-use super::translate::{self, HostFiles, NodeDirs, ResolvedImage, TranslateError};
+use super::refs;
+use super::translate::{self, HostFiles, NodeDirs, Referenced, ResolvedImage, TranslateError};
 use crate::cri::proto::{AuthConfig, ContainerFilter, ImageSpec, PodSandboxConfig};
 use crate::cri::{CriError, Runtime};
-use crate::k8s::{ContainerEvent, EventSink, EventType};
+use crate::k8s::{Cluster, ContainerEvent, EventSink, EventType, K8sError};
 use crate::kubelet;
 
 /// The kubelet's waiting reasons for a container that could not start.
@@ -110,9 +113,24 @@ impl StartFailure {
     }
 }
 
-/// Starts `c` in the pod's ready sandbox, with `target_id` as the PID target.
+/// Starts `c` in the pod's ready sandbox, with `target_id` as the PID target,
+/// without reading anything from the API server (a reference to a
+/// ConfigMap, Secret or claim reads as missing).
 pub async fn start(
     cx: &StartContext<'_>,
+    pod: &Pod,
+    c: &EphemeralContainer,
+    target_id: Option<&str>,
+) -> Result<Started, StartFailure> {
+    start_with(cx, None, pod, c, target_id).await
+}
+
+/// [`start`], reading the ConfigMaps, Secrets and claims `c` refers to from
+/// `cluster` after the image is ensured (the kubelet's order: image, then
+/// the container's config).
+pub async fn start_with(
+    cx: &StartContext<'_>,
+    cluster: Option<&dyn Cluster>,
     pod: &Pod,
     c: &EphemeralContainer,
     target_id: Option<&str>,
@@ -137,18 +155,32 @@ pub async fn start(
         fail_event(&e);
         StartFailure::new(reason::CREATE_CONTAINER_CONFIG, e, true)
     };
+    let refs = match cluster {
+        Some(cluster) => refs::read(cluster, pod, c).await.map_err(|e| {
+            // The API server's own words where it answered, as the kubelet shows them.
+            config_error(match e {
+                K8sError::Api { message, .. } => message,
+                other => other.to_string(),
+            })
+        })?,
+        None => Referenced::default(),
+    };
     let (attempt, host_files) =
         prepare_host(cx.dirs, pod, c).map_err(|e| config_error(e.to_string()))?;
-    let config = translate::container_config(&translate::Inputs {
-        pod,
-        container: c,
-        target_id,
-        image: &image,
-        attempt,
-        host_files: &host_files,
-        node: cx.dirs,
-    })
+    let config = translate::container_config_with(
+        &translate::Inputs {
+            pod,
+            container: c,
+            target_id,
+            image: &image,
+            attempt,
+            host_files: &host_files,
+            node: cx.dirs,
+        },
+        &refs,
+    )
     .map_err(|e: TranslateError| config_error(e.to_string()))?;
+    check_volumes_set_up(cx.dirs, pod, &config.mounts).map_err(config_error)?;
 
     // A log of an earlier attempt may be another creator's: it may have
     // started this container after the caller looked at the runtime (the log
@@ -445,6 +477,29 @@ fn prepare_host(
             termination_log,
         },
     ))
+}
+
+/// A mount of a volume the kubelet manages (under the pod's `volumes`
+/// directory) must find it set up: the runtime would otherwise create an
+/// empty directory in its place, and the container would see none of the
+/// pod's data. The kubelet waits for its volume manager instead; here it is
+/// a retried config error.
+fn check_volumes_set_up(
+    dirs: &NodeDirs,
+    pod: &Pod,
+    mounts: &[crate::cri::proto::Mount],
+) -> Result<(), String> {
+    let volumes = kubelet::pod_dir(&dirs.pods, pod).join("volumes");
+    for m in mounts {
+        let host = Path::new(&m.host_path);
+        if host.starts_with(&volumes) && !host.exists() {
+            return Err(format!(
+                "volume for mount {} is not set up on this node: {} does not exist",
+                m.container_path, m.host_path
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `<pods>/<uid>/containers/<name>/<8 hex>`, created empty and world-writable

@@ -1,11 +1,14 @@
 //! The reconcile path of one pod: observe the runtime, plan (pure), execute,
 //! compute status (pure). `translate` turns one ephemeral container into the
-//! CRI config the kubelet would send.
+//! CRI config the kubelet would send; `refs` reads the API objects it
+//! refers to first.
 
 pub mod agent;
+pub mod downward;
 pub mod execute;
 pub mod image;
 pub mod observe;
 pub mod plan;
+pub mod refs;
 pub mod status;
 pub mod translate;

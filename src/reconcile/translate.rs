@@ -4,13 +4,15 @@
 //! the node (target id, resolved image, attempt, host files) comes in
 //! [`Inputs`]. Ephemeral containers get **no resources**.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{
     Capabilities, EphemeralContainer, Pod, PodSecurityContext, SELinuxOptions, SecurityContext,
     Volume,
 };
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::cri::proto::{
     self, ContainerConfig, ContainerMetadata, ImageSpec, KeyValue, LinuxContainerConfig,
@@ -73,17 +75,33 @@ pub struct NodeDirs {
 /// all of these as `CreateContainerConfigError`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TranslateError {
-    /// An env var takes its value from a source the agent does not read (yet).
-    #[error("env var {name:?}: {source_kind} is not supported by ephemerald yet")]
-    UnsupportedEnvSource {
-        /// The variable.
+    /// `valueFrom` with no source the agent knows (a newer API field).
+    #[error("env var {0:?}: valueFrom has no source ephemerald supports")]
+    UnknownEnvSource(String),
+    /// A `resourceFieldRef` cannot be resolved (the kubelet's words where it has them).
+    #[error(transparent)]
+    Downward(#[from] super::downward::DownwardError),
+    /// A ConfigMap or Secret that is not optional does not exist; the
+    /// kubelet's watch-based managers word it `configmap "x" not found`.
+    #[error("{kind} {name:?} not found")]
+    SourceNotFound {
+        /// `configmap` or `secret`.
+        kind: &'static str,
+        /// The object's name.
         name: String,
-        /// `configMapKeyRef`, `secretKeyRef` or `resourceFieldRef`.
-        source_kind: &'static str,
     },
-    /// `envFrom` needs ConfigMaps or Secrets, which the agent does not read (yet).
-    #[error("envFrom is not supported by ephemerald yet")]
-    UnsupportedEnvFrom,
+    /// A key that is not optional is missing from a ConfigMap or Secret.
+    #[error("couldn't find key {key} in {kind} {namespace}/{name}")]
+    KeyNotFound {
+        /// The key.
+        key: String,
+        /// `ConfigMap` or `Secret`.
+        kind: &'static str,
+        /// The pod's namespace.
+        namespace: String,
+        /// The object's name.
+        name: String,
+    },
     /// A `fieldRef` names a field that cannot be exposed as an env var.
     #[error("unsupported fieldPath: {0}")]
     UnsupportedFieldPath(String),
@@ -97,9 +115,40 @@ pub enum TranslateError {
     },
     /// A volume of a type whose host directory the agent cannot locate.
     #[error(
-        "volume {0:?}: only hostPath, emptyDir, configMap, secret, projected and downwardAPI volumes can be mounted by ephemerald"
+        "volume {0:?}: only hostPath, emptyDir, configMap, secret, projected, downwardAPI, csi, persistentVolumeClaim and ephemeral volumes can be mounted by ephemerald"
     )]
     UnsupportedVolume(String),
+    /// A `mountPropagation` the kubelet does not know (its message).
+    #[error("invalid MountPropagation mode: {0:?}")]
+    MountPropagation(String),
+    /// `recursiveReadOnly: Enabled` needs runtime support the agent does not use.
+    #[error("volume {0:?}: recursiveReadOnly: Enabled is not supported by ephemerald")]
+    RecursiveReadOnly(String),
+    /// A persistent volume claim that is missing or not bound to a volume.
+    #[error(
+        "volume {volume:?}: persistentvolumeclaim {claim:?} is not bound to a persistent volume"
+    )]
+    ClaimNotBound {
+        /// The pod's volume name.
+        volume: String,
+        /// The claim.
+        claim: String,
+    },
+    /// A persistent volume of a type whose mount directory the agent cannot locate.
+    #[error(
+        "volume {volume:?}: persistent volume {pv:?} is of type {kind}; ephemerald can mount csi, hostPath, local and nfs persistent volumes"
+    )]
+    UnsupportedClaim {
+        /// The pod's volume name.
+        volume: String,
+        /// The persistent volume.
+        pv: String,
+        /// Its volume source type.
+        kind: String,
+    },
+    /// Raw block devices from claims (`volumeDevices`) are not mapped.
+    #[error("volumeDevices are not supported by ephemerald (volume {0:?})")]
+    UnsupportedVolumeDevices(String),
     /// `runAsNonRoot` cannot be honoured; the message is the kubelet's.
     #[error("{0}")]
     NonRoot(String),
@@ -149,14 +198,30 @@ pub fn container_namespace_options(pod: &Pod, target_id: Option<&str>) -> Namesp
     ns
 }
 
-/// Builds the CRI config for one ephemeral container.
+/// Builds the CRI config for one ephemeral container that refers to no
+/// ConfigMap, Secret or claim (any reference reads as a missing object).
 pub fn container_config(inp: &Inputs<'_>) -> Result<ContainerConfig, TranslateError> {
+    container_config_with(inp, &Referenced::default())
+}
+
+/// Builds the CRI config for one ephemeral container, its env and claims
+/// resolved against the API objects read for it.
+pub fn container_config_with(
+    inp: &Inputs<'_>,
+    refs: &Referenced,
+) -> Result<ContainerConfig, TranslateError> {
     let c = inp.container;
     let pod = inp.pod;
     let user_image = c.image.clone().unwrap_or_default();
 
+    // The kubelet's order of checks: block devices, env, mounts, then the
+    // non-root policy (GenerateRunContainerOptions before verifyRunAsNonRoot).
+    if let Some(d) = c.volume_devices.iter().flatten().next() {
+        return Err(TranslateError::UnsupportedVolumeDevices(d.name.clone()));
+    }
+    let envs = environment(pod, c, refs)?;
+    let mounts = mounts(inp, refs)?;
     verify_run_as_non_root(pod, c, inp.image)?;
-    let envs = environment(pod, c)?;
     let lookup = |name: &str| {
         envs.iter()
             .rev()
@@ -191,7 +256,7 @@ pub fn container_config(inp: &Inputs<'_>) -> Result<ContainerConfig, TranslateEr
                 value: value.into_bytes(),
             })
             .collect(),
-        mounts: mounts(inp)?,
+        mounts,
         devices: vec![],
         labels: kubelet::container_labels(pod, &c.name)
             .into_iter()
@@ -419,42 +484,179 @@ fn seccomp(
     }
 }
 
-/// Env vars in spec order, values expanded against the ones before them;
-/// a later duplicate replaces the earlier value in place.
-fn environment(pod: &Pod, c: &EphemeralContainer) -> Result<Vec<(String, String)>, TranslateError> {
-    if c.env_from.as_ref().is_some_and(|v| !v.is_empty()) {
-        return Err(TranslateError::UnsupportedEnvFrom);
+/// The API objects an ephemeral container refers to, read from the API
+/// server before translation (the kubelet's configMapManager and
+/// secretManager for env; its volume manager for claims). A name that is
+/// absent, or maps to `None`, does not exist.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Referenced {
+    /// ConfigMap name → its `data`.
+    pub config_maps: BTreeMap<String, Option<BTreeMap<String, String>>>,
+    /// Secret name → its `data`.
+    pub secrets: BTreeMap<String, Option<BTreeMap<String, Vec<u8>>>>,
+    /// Claim name → the persistent volume bound to it (absent: missing or unbound).
+    pub claims: BTreeMap<String, BoundClaim>,
+    /// The node's `status.allocatable`, read when a `resourceFieldRef` needs it.
+    pub node_allocatable: Option<BTreeMap<String, Quantity>>,
+}
+
+/// A persistent volume claim's bound volume, as far as its mount path goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundClaim {
+    /// The persistent volume's name (`spec.volumeName` of the claim).
+    pub pv: String,
+    /// How the kubelet mounts it.
+    pub source: ClaimSource,
+}
+
+/// The volume source of a persistent volume, as it decides the host path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimSource {
+    /// CSI, and the in-tree types migrated to CSI: `kubernetes.io~csi/<pv>/mount`.
+    Csi,
+    /// `hostPath`: the path itself.
+    HostPath(String),
+    /// `local`: `kubernetes.io~local-volume/<pv>`.
+    Local,
+    /// `nfs`: `kubernetes.io~nfs/<pv>`.
+    Nfs,
+    /// Any other type (its field name), whose layout the agent does not know.
+    Other(String),
+}
+
+impl Referenced {
+    /// The ConfigMap and Secret names `c` refers to in `env` and `envFrom`.
+    pub fn referenced(c: &EphemeralContainer) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut maps = BTreeSet::new();
+        let mut secrets = BTreeSet::new();
+        for from in c.env_from.iter().flatten() {
+            maps.extend(from.config_map_ref.as_ref().map(|r| r.name.clone()));
+            secrets.extend(from.secret_ref.as_ref().map(|r| r.name.clone()));
+        }
+        for src in c.env.iter().flatten().filter_map(|v| v.value_from.as_ref()) {
+            maps.extend(src.config_map_key_ref.as_ref().map(|r| r.name.clone()));
+            secrets.extend(src.secret_key_ref.as_ref().map(|r| r.name.clone()));
+        }
+        (maps, secrets)
     }
+
+    fn config_map(&self, name: &str) -> Option<&BTreeMap<String, String>> {
+        self.config_maps.get(name).and_then(Option::as_ref)
+    }
+
+    fn secret(&self, name: &str) -> Option<&BTreeMap<String, Vec<u8>>> {
+        self.secrets.get(name).and_then(Option::as_ref)
+    }
+}
+
+/// Sets `name` to `value`, replacing an earlier value in place.
+fn set_env(out: &mut Vec<(String, String)>, name: &str, value: String) {
+    match out.iter_mut().find(|(k, _)| k == name) {
+        Some(slot) => slot.1 = value,
+        None => out.push((name.to_string(), value)),
+    }
+}
+
+/// The kubelet's `makeEnvironmentVariables`: `envFrom` first (in order,
+/// with its prefix; every key taken as it is), then `env`, whose values
+/// replace earlier ones in place. A literal value expands `$(NAME)` against
+/// everything set before it; a value from a source is taken verbatim. A
+/// missing optional source or key leaves the variable unset; a missing
+/// required one is an error in the kubelet's words.
+fn environment(
+    pod: &Pod,
+    c: &EphemeralContainer,
+    refs: &Referenced,
+) -> Result<Vec<(String, String)>, TranslateError> {
+    let namespace = kubelet::namespace(pod);
     let mut out: Vec<(String, String)> = Vec::new();
-    for var in c.env.iter().flatten() {
-        let value = match &var.value_from {
-            None => {
-                let lookup =
-                    |name: &str| out.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-                expand(var.value.as_deref().unwrap_or_default(), lookup)
+    for from in c.env_from.iter().flatten() {
+        let prefix = from.prefix.as_deref().unwrap_or_default();
+        if let Some(r) = &from.config_map_ref {
+            match refs.config_map(&r.name) {
+                Some(data) => {
+                    for (k, v) in data {
+                        set_env(&mut out, &format!("{prefix}{k}"), v.clone());
+                    }
+                }
+                None if r.optional == Some(true) => {}
+                None => return Err(not_found("configmap", &r.name)),
             }
-            Some(src) => {
-                let unsupported = |source_kind| TranslateError::UnsupportedEnvSource {
-                    name: var.name.clone(),
-                    source_kind,
+        } else if let Some(r) = &from.secret_ref {
+            match refs.secret(&r.name) {
+                Some(data) => {
+                    for (k, v) in data {
+                        let v = String::from_utf8_lossy(v).into_owned();
+                        set_env(&mut out, &format!("{prefix}{k}"), v);
+                    }
+                }
+                None if r.optional == Some(true) => {}
+                None => return Err(not_found("secret", &r.name)),
+            }
+        }
+    }
+    for var in c.env.iter().flatten() {
+        let literal = var.value.as_deref().unwrap_or_default();
+        let value = match &var.value_from {
+            Some(src) if literal.is_empty() => {
+                let key_missing = |kind, name: &str, key: &str| TranslateError::KeyNotFound {
+                    key: key.to_string(),
+                    kind,
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
                 };
                 if let Some(f) = &src.field_ref {
                     field_value(pod, &f.field_path)?
-                } else if src.config_map_key_ref.is_some() {
-                    return Err(unsupported("configMapKeyRef"));
-                } else if src.secret_key_ref.is_some() {
-                    return Err(unsupported("secretKeyRef"));
+                } else if let Some(r) = &src.config_map_key_ref {
+                    let optional = r.optional == Some(true);
+                    let Some(data) = refs.config_map(&r.name) else {
+                        if optional {
+                            continue;
+                        }
+                        return Err(not_found("configmap", &r.name));
+                    };
+                    match data.get(&r.key) {
+                        Some(v) => v.clone(),
+                        None if optional => continue,
+                        None => return Err(key_missing("ConfigMap", &r.name, &r.key)),
+                    }
+                } else if let Some(r) = &src.secret_key_ref {
+                    let optional = r.optional == Some(true);
+                    let Some(data) = refs.secret(&r.name) else {
+                        if optional {
+                            continue;
+                        }
+                        return Err(not_found("secret", &r.name));
+                    };
+                    match data.get(&r.key) {
+                        Some(v) => String::from_utf8_lossy(v).into_owned(),
+                        None if optional => continue,
+                        None => return Err(key_missing("Secret", &r.name, &r.key)),
+                    }
+                } else if let Some(r) = &src.resource_field_ref {
+                    super::downward::resource_value(pod, r, refs.node_allocatable.as_ref())?
                 } else {
-                    return Err(unsupported("resourceFieldRef"));
+                    // The API requires one source; none known here means a
+                    // newer one (`fileKeyRef`) that these API types drop.
+                    return Err(TranslateError::UnknownEnvSource(var.name.clone()));
                 }
             }
+            _ => {
+                let lookup =
+                    |name: &str| out.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+                expand(literal, lookup)
+            }
         };
-        match out.iter_mut().find(|(k, _)| *k == var.name) {
-            Some(slot) => slot.1 = value,
-            None => out.push((var.name.clone(), value)),
-        }
+        set_env(&mut out, &var.name, value);
     }
     Ok(out)
+}
+
+fn not_found(kind: &'static str, name: &str) -> TranslateError {
+    TranslateError::SourceNotFound {
+        kind,
+        name: name.to_string(),
+    }
 }
 
 /// The downward API for env vars (the kubelet's `podFieldSelectorRuntimeValue`).
@@ -479,6 +681,10 @@ fn field_value(pod: &Pod, path: &str) -> Result<String, TranslateError> {
         "spec.serviceAccountName" => spec
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_default(),
+        "spec.terminationGracePeriodSeconds" => spec
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(30)
+            .to_string(),
         "status.hostIP" => status.and_then(|s| s.host_ip.clone()).unwrap_or_default(),
         "status.podIP" => status.and_then(|s| s.pod_ip.clone()).unwrap_or_default(),
         "status.hostIPs" => status
@@ -541,7 +747,7 @@ pub fn expand<'v>(input: &str, lookup: impl Fn(&str) -> Option<&'v str>) -> Stri
 
 /// Volume mounts, then `/etc/hosts`, then the termination-message file, in
 /// the kubelet's order.
-fn mounts(inp: &Inputs<'_>) -> Result<Vec<Mount>, TranslateError> {
+fn mounts(inp: &Inputs<'_>, refs: &Referenced) -> Result<Vec<Mount>, TranslateError> {
     let c = inp.container;
     let volumes = inp
         .pod
@@ -558,14 +764,19 @@ fn mounts(inp: &Inputs<'_>) -> Result<Vec<Mount>, TranslateError> {
             }
         })?;
         let propagation = match vm.mount_propagation.as_deref() {
+            None | Some("None") => MountPropagation::PropagationPrivate,
             Some("HostToContainer") => MountPropagation::PropagationHostToContainer,
             Some("Bidirectional") => MountPropagation::PropagationBidirectional,
-            _ => MountPropagation::PropagationPrivate,
+            Some(other) => return Err(TranslateError::MountPropagation(other.to_string())),
         };
+        if vm.recursive_read_only.as_deref() == Some("Enabled") {
+            return Err(TranslateError::RecursiveReadOnly(vm.name.clone()));
+        }
+        let (host_path, always_read_only) = volume_host_path(inp, refs, volume)?;
         out.push(Mount {
             container_path: vm.mount_path.clone(),
-            host_path: volume_host_path(inp, volume)?.display().to_string(),
-            readonly: vm.read_only.unwrap_or(false),
+            host_path: host_path.display().to_string(),
+            readonly: vm.read_only.unwrap_or(false) || always_read_only,
             selinux_relabel: false,
             propagation: propagation as i32,
         });
@@ -590,28 +801,94 @@ fn mounts(inp: &Inputs<'_>) -> Result<Vec<Mount>, TranslateError> {
     Ok(out)
 }
 
-/// Where the kubelet materialises a pod volume on the host.
-fn volume_host_path(inp: &Inputs<'_>, v: &Volume) -> Result<PathBuf, TranslateError> {
+/// The kubelet's volume plugin directory names (`kubernetes.io/<plugin>`
+/// with `/` escaped as `~`), under `<pods>/<uid>/volumes/`.
+pub mod plugin {
+    /// `emptyDir`.
+    pub const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
+    /// `configMap`.
+    pub const CONFIG_MAP: &str = "kubernetes.io~configmap";
+    /// `secret`.
+    pub const SECRET: &str = "kubernetes.io~secret";
+    /// `projected`.
+    pub const PROJECTED: &str = "kubernetes.io~projected";
+    /// `downwardAPI`.
+    pub const DOWNWARD_API: &str = "kubernetes.io~downward-api";
+    /// CSI volumes, persistent or inline; the mount is `<name>/mount`.
+    pub const CSI: &str = "kubernetes.io~csi";
+    /// `local` persistent volumes.
+    pub const LOCAL: &str = "kubernetes.io~local-volume";
+    /// `nfs`.
+    pub const NFS: &str = "kubernetes.io~nfs";
+}
+
+/// Where the kubelet materialises a pod volume on the host, and whether
+/// the kubelet always mounts it read-only (its `mustMountRO`: the atomic
+/// writer volumes configMap, secret, projected and downwardAPI).
+fn volume_host_path(
+    inp: &Inputs<'_>,
+    refs: &Referenced,
+    v: &Volume,
+) -> Result<(PathBuf, bool), TranslateError> {
     if let Some(hp) = &v.host_path {
-        return Ok(PathBuf::from(&hp.path));
+        return Ok((PathBuf::from(&hp.path), false));
     }
-    let plugin = if v.empty_dir.is_some() {
-        "kubernetes.io~empty-dir"
+    let volumes = kubelet::pod_dir(&inp.node.pods, inp.pod).join("volumes");
+    let (plugin, read_only) = if v.empty_dir.is_some() {
+        (plugin::EMPTY_DIR, false)
     } else if v.config_map.is_some() {
-        "kubernetes.io~configmap"
+        (plugin::CONFIG_MAP, true)
     } else if v.secret.is_some() {
-        "kubernetes.io~secret"
+        (plugin::SECRET, true)
     } else if v.projected.is_some() {
-        "kubernetes.io~projected"
+        (plugin::PROJECTED, true)
     } else if v.downward_api.is_some() {
-        "kubernetes.io~downward-api"
+        (plugin::DOWNWARD_API, true)
+    } else if v.csi.is_some() {
+        let read_only = v.csi.as_ref().and_then(|c| c.read_only).unwrap_or(false);
+        return Ok((
+            volumes.join(plugin::CSI).join(&v.name).join("mount"),
+            read_only,
+        ));
+    } else if let Some(claim) = &v.persistent_volume_claim {
+        return claim_host_path(refs, &v.name, &claim.claim_name, &volumes)
+            .map(|p| (p, claim.read_only.unwrap_or(false)));
+    } else if v.ephemeral.is_some() {
+        // A generic ephemeral volume is a claim named `<pod>-<volume>`.
+        let claim = format!("{}-{}", kubelet::name(inp.pod), v.name);
+        return claim_host_path(refs, &v.name, &claim, &volumes).map(|p| (p, false));
     } else {
         return Err(TranslateError::UnsupportedVolume(v.name.clone()));
     };
-    Ok(kubelet::pod_dir(&inp.node.pods, inp.pod)
-        .join("volumes")
-        .join(plugin)
-        .join(&v.name))
+    Ok((volumes.join(plugin).join(&v.name), read_only))
+}
+
+/// A claim's volume lives under the name of the persistent volume bound to
+/// it, in the directory of the plugin that mounted it.
+fn claim_host_path(
+    refs: &Referenced,
+    volume: &str,
+    claim: &str,
+    volumes: &Path,
+) -> Result<PathBuf, TranslateError> {
+    let bound = refs
+        .claims
+        .get(claim)
+        .ok_or_else(|| TranslateError::ClaimNotBound {
+            volume: volume.to_string(),
+            claim: claim.to_string(),
+        })?;
+    match &bound.source {
+        ClaimSource::HostPath(path) => Ok(PathBuf::from(path)),
+        ClaimSource::Csi => Ok(volumes.join(plugin::CSI).join(&bound.pv).join("mount")),
+        ClaimSource::Local => Ok(volumes.join(plugin::LOCAL).join(&bound.pv)),
+        ClaimSource::Nfs => Ok(volumes.join(plugin::NFS).join(&bound.pv)),
+        ClaimSource::Other(kind) => Err(TranslateError::UnsupportedClaim {
+            volume: volume.to_string(),
+            pv: bound.pv.clone(),
+            kind: kind.clone(),
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,11 @@
 //! demo, the tests): creates a pod's sandbox and its init and regular
 //! containers through the CRI with the kubelet's labels, annotations, log
 //! layout and hosts file, so the agent finds what it would find on a real
-//! node. No restarts, probes or volumes beyond what the spec needs.
+//! node. Volumes: `emptyDir` directories are created where the kubelet's
+//! plugin puts them (`<pods>/<uid>/volumes/kubernetes.io~empty-dir/<name>`,
+//! mode 0777) and `hostPath` ones of type `DirectoryOrCreate` are created;
+//! both are mounted into the containers that name them. No other volume
+//! types, restarts or probes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -111,6 +115,7 @@ impl PodRunner {
             &ip,
             spec.host_network.unwrap_or(false),
         )?;
+        set_up_volumes(&self.dirs.pods, pod)?;
 
         let mut running = RunningPod {
             sandbox_id,
@@ -220,6 +225,33 @@ impl PodRunner {
         }
         Ok(())
     }
+}
+
+/// The kubelet's volume set-up for the types the runner supports: an
+/// `emptyDir` is a world-writable directory (its plugin ignores the umask);
+/// a `hostPath` of type `DirectoryOrCreate` is created 0755 if missing.
+fn set_up_volumes(pods: &Path, pod: &Pod) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let volumes = kubelet::pod_dir(pods, pod).join("volumes");
+    for v in pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_deref())
+        .unwrap_or_default()
+    {
+        if v.empty_dir.is_some() {
+            let dir = volumes.join(translate::plugin::EMPTY_DIR).join(&v.name);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+        } else if let Some(hp) = &v.host_path
+            && hp.type_.as_deref() == Some("DirectoryOrCreate")
+            && !Path::new(&hp.path).exists()
+        {
+            std::fs::create_dir_all(&hp.path)?;
+            std::fs::set_permissions(&hp.path, std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    Ok(())
 }
 
 /// The kubelet's managed hosts file for the pod.

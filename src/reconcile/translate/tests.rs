@@ -2,8 +2,9 @@
 
 use super::*;
 use k8s_openapi::api::core::v1::{
-    EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, PodStatus, SeccompProfile,
-    SecretKeySelector, VolumeMount,
+    ConfigMapEnvSource, ConfigMapKeySelector, EnvFromSource, EnvVar, EnvVarSource,
+    ObjectFieldSelector, PodSpec, PodStatus, ResourceFieldSelector, SeccompProfile,
+    SecretEnvSource, SecretKeySelector, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -46,6 +47,7 @@ struct Case {
     target: Option<&'static str>,
     image: ResolvedImage,
     host_files: HostFiles,
+    refs: Referenced,
 }
 
 impl Case {
@@ -59,6 +61,7 @@ impl Case {
                 ..Default::default()
             },
             host_files: HostFiles::default(),
+            refs: Referenced::default(),
         }
     }
     fn run(&self) -> Result<ContainerConfig, TranslateError> {
@@ -67,15 +70,34 @@ impl Case {
             pods: "/var/lib/kubelet/pods".into(),
             seccomp: "/var/lib/kubelet/seccomp".into(),
         };
-        container_config(&Inputs {
-            pod: &self.pod,
-            container: &self.container,
-            target_id: self.target,
-            image: &self.image,
-            attempt: 0,
-            host_files: &self.host_files,
-            node: &node,
-        })
+        container_config_with(
+            &Inputs {
+                pod: &self.pod,
+                container: &self.container,
+                target_id: self.target,
+                image: &self.image,
+                attempt: 0,
+                host_files: &self.host_files,
+                node: &node,
+            },
+            &self.refs,
+        )
+    }
+    fn envs(&self) -> Result<Vec<(String, String)>, TranslateError> {
+        Ok(self
+            .run()?
+            .envs
+            .iter()
+            .map(|kv| (kv.key.clone(), String::from_utf8(kv.value.clone()).unwrap()))
+            .collect())
+    }
+    fn mounts(&self) -> Result<Vec<(String, String, bool)>, TranslateError> {
+        Ok(self
+            .run()?
+            .mounts
+            .into_iter()
+            .map(|m| (m.container_path, m.host_path, m.readonly))
+            .collect())
     }
     fn sc(&self) -> LinuxContainerSecurityContext {
         self.run().unwrap().linux.unwrap().security_context.unwrap()
@@ -271,37 +293,254 @@ fn expansion_rules() {
     }
 }
 
-#[test]
-fn unsupported_env_sources_are_reported_not_dropped() {
-    let mut case = Case::new();
-    case.container.env = Some(vec![EnvVar {
-        name: "TOKEN".into(),
+fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    v.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn config_map_env(name: &str, map: &str, key: &str, optional: Option<bool>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
         value: None,
         value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: "s".into(),
-                key: "k".into(),
-                optional: None,
+            config_map_key_ref: Some(ConfigMapKeySelector {
+                name: map.into(),
+                key: key.into(),
+                optional,
             }),
             ..Default::default()
         }),
-    }]);
-    let err = case.run().unwrap_err();
-    assert_eq!(
-        err,
-        TranslateError::UnsupportedEnvSource {
-            name: "TOKEN".into(),
-            source_kind: "secretKeyRef"
-        }
-    );
-    assert!(err.to_string().contains("TOKEN"));
+    }
+}
 
+fn secret_env(name: &str, secret: &str, key: &str, optional: Option<bool>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional,
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn from_map(map: &str, prefix: Option<&str>, optional: Option<bool>) -> EnvFromSource {
+    EnvFromSource {
+        config_map_ref: Some(ConfigMapEnvSource {
+            name: map.into(),
+            optional,
+        }),
+        prefix: prefix.map(Into::into),
+        secret_ref: None,
+    }
+}
+
+fn from_secret(secret: &str, prefix: Option<&str>, optional: Option<bool>) -> EnvFromSource {
+    EnvFromSource {
+        config_map_ref: None,
+        prefix: prefix.map(Into::into),
+        secret_ref: Some(SecretEnvSource {
+            name: secret.into(),
+            optional,
+        }),
+    }
+}
+
+/// A ConfigMap `settings` {LEVEL: debug, MODE: $(LEVEL)} and a Secret
+/// `creds` {user: admin, pass: s3cret}.
+fn refs() -> Referenced {
+    Referenced {
+        config_maps: BTreeMap::from([(
+            "settings".to_string(),
+            Some(BTreeMap::from([
+                ("LEVEL".to_string(), "debug".to_string()),
+                ("MODE".to_string(), "$(LEVEL)".to_string()),
+            ])),
+        )]),
+        secrets: BTreeMap::from([(
+            "creds".to_string(),
+            Some(BTreeMap::from([
+                ("user".to_string(), b"admin".to_vec()),
+                ("pass".to_string(), b"s3cret".to_vec()),
+            ])),
+        )]),
+        claims: BTreeMap::new(),
+        node_allocatable: None,
+    }
+}
+
+#[test]
+fn env_from_first_then_env_overrides_and_sources_are_verbatim() {
+    let mut case = Case::new();
+    case.refs = refs();
+    case.container.env_from = Some(vec![
+        from_map("settings", None, None),
+        from_secret("creds", Some("DB_"), None),
+    ]);
+    case.container.env = Some(vec![
+        env("LEVEL", "info"),
+        env("URL", "$(DB_user)@db/$(LEVEL)"),
+        config_map_env("COPY", "settings", "MODE", None),
+        secret_env("PASSWORD", "creds", "pass", None),
+    ]);
+    case.container.command = Some(vec!["echo".into(), "$(PASSWORD)".into()]);
+    assert_eq!(
+        case.envs().unwrap(),
+        pairs(&[
+            ("LEVEL", "info"),
+            ("MODE", "$(LEVEL)"),
+            ("DB_pass", "s3cret"),
+            ("DB_user", "admin"),
+            ("URL", "admin@db/info"),
+            ("COPY", "$(LEVEL)"),
+            ("PASSWORD", "s3cret"),
+        ])
+    );
+    assert_eq!(case.run().unwrap().command, ["echo", "s3cret"]);
+}
+
+#[test]
+fn optional_sources_and_keys_leave_the_variable_unset() {
+    let mut case = Case::new();
+    case.refs = refs();
+    case.container.env_from = Some(vec![
+        from_map("absent", None, Some(true)),
+        from_secret("gone", Some("X_"), Some(true)),
+        from_map("settings", None, None),
+    ]);
+    case.container.env = Some(vec![
+        config_map_env("A", "absent", "k", Some(true)),
+        config_map_env("B", "settings", "nokey", Some(true)),
+        secret_env("C", "gone", "k", Some(true)),
+        secret_env("D", "creds", "nokey", Some(true)),
+        // A skipped optional keeps what envFrom set.
+        config_map_env("LEVEL", "settings", "nokey", Some(true)),
+    ]);
+    assert_eq!(
+        case.envs().unwrap(),
+        pairs(&[("LEVEL", "debug"), ("MODE", "$(LEVEL)")])
+    );
+}
+
+#[test]
+fn missing_sources_and_keys_are_errors_in_the_kubelets_words() {
+    let table: [(&str, Option<EnvFromSource>, Option<EnvVar>, &str); 6] = [
+        (
+            "configMapKeyRef, no such ConfigMap",
+            None,
+            Some(config_map_env("A", "absent", "k", None)),
+            "configmap \"absent\" not found",
+        ),
+        (
+            "configMapKeyRef, no such key",
+            None,
+            Some(config_map_env("A", "settings", "k", Some(false))),
+            "couldn't find key k in ConfigMap shop/settings",
+        ),
+        (
+            "secretKeyRef, no such Secret",
+            None,
+            Some(secret_env("A", "gone", "k", None)),
+            "secret \"gone\" not found",
+        ),
+        (
+            "secretKeyRef, no such key",
+            None,
+            Some(secret_env("A", "creds", "token", None)),
+            "couldn't find key token in Secret shop/creds",
+        ),
+        (
+            "envFrom ConfigMap",
+            Some(from_map("absent", Some("P_"), None)),
+            None,
+            "configmap \"absent\" not found",
+        ),
+        (
+            "envFrom Secret",
+            Some(from_secret("gone", None, Some(false))),
+            None,
+            "secret \"gone\" not found",
+        ),
+    ];
+    for (name, from, var, want) in table {
+        let mut case = Case::new();
+        case.refs = refs();
+        case.container.env_from = from.map(|f| vec![f]);
+        case.container.env = var.map(|v| vec![v]);
+        assert_eq!(case.run().unwrap_err().to_string(), want, "{name}");
+    }
+    // Without anything read (`container_config`), a reference reads as missing.
+    let mut case = Case::new();
+    case.container.env = Some(vec![secret_env("A", "creds", "user", None)]);
+    assert_eq!(
+        case.run().unwrap_err().to_string(),
+        "secret \"creds\" not found"
+    );
+}
+
+#[test]
+fn resource_field_refs_read_the_node_allocatable() {
+    let cpu = |divisor: Option<&str>| EnvVar {
+        name: "CPU".into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            resource_field_ref: Some(ResourceFieldSelector {
+                resource: "limits.cpu".into(),
+                divisor: divisor.map(|d| Quantity(d.into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let mut case = Case::new();
+    case.container.env = Some(vec![cpu(None)]);
+    assert_eq!(
+        case.run().unwrap_err().to_string(),
+        "the allocatable resources of node \"node-a\" are unknown"
+    );
+    case.refs.node_allocatable = Some(BTreeMap::from([(
+        "cpu".to_string(),
+        Quantity("3500m".into()),
+    )]));
+    case.container.env = Some(vec![cpu(None), env("MILLI", "$(CPU)000")]);
+    assert_eq!(
+        case.envs().unwrap(),
+        pairs(&[("CPU", "4"), ("MILLI", "4000")])
+    );
+    case.container.env = Some(vec![cpu(Some("1m"))]);
+    assert_eq!(case.envs().unwrap(), pairs(&[("CPU", "3500")]));
+}
+
+#[test]
+fn unknown_field_paths_and_sources_are_refused_clearly() {
+    let mut case = Case::new();
+    case.container.env = Some(vec![EnvVar {
+        name: "FILE".into(),
+        value: None,
+        value_from: Some(EnvVarSource::default()),
+    }]);
+    assert_eq!(
+        case.run().unwrap_err().to_string(),
+        "env var \"FILE\": valueFrom has no source ephemerald supports"
+    );
     let mut case = Case::new();
     case.container.env = Some(vec![field_env("X", "spec.bogus")]);
     assert_eq!(
         case.run().unwrap_err().to_string(),
         "unsupported fieldPath: spec.bogus"
     );
+
+    let mut case = Case::new();
+    case.container.env = Some(vec![field_env(
+        "GRACE",
+        "spec.terminationGracePeriodSeconds",
+    )]);
+    assert_eq!(case.envs().unwrap(), pairs(&[("GRACE", "30")]));
 }
 
 #[test]
@@ -577,6 +816,264 @@ fn missing_volume_is_a_config_error() {
         case.run().unwrap_err().to_string(),
         "cannot find volume \"nope\" to mount into container \"dbg\""
     );
+}
+
+fn volume(name: &str, source: serde_json::Value) -> Volume {
+    let mut v = source;
+    v["name"] = serde_json::json!(name);
+    serde_json::from_value(v).unwrap()
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        ..Default::default()
+    }
+}
+
+fn bound(pv: &str, source: ClaimSource) -> BoundClaim {
+    BoundClaim {
+        pv: pv.into(),
+        source,
+    }
+}
+
+/// Each volume type, mounted at `/<name>`, lands on the directory the
+/// kubelet's plugin set it up in; the atomic-writer types are read-only.
+#[test]
+fn volume_types_map_to_the_kubelets_directories() {
+    use serde_json::json;
+    let vols = "/var/lib/kubelet/pods/uid-1/volumes";
+    let table = [
+        (
+            volume("empty", json!({"emptyDir": {}})),
+            format!("{vols}/kubernetes.io~empty-dir/empty"),
+            false,
+        ),
+        (
+            volume("mem", json!({"emptyDir": {"medium": "Memory"}})),
+            format!("{vols}/kubernetes.io~empty-dir/mem"),
+            false,
+        ),
+        (
+            volume(
+                "host",
+                json!({"hostPath": {"path": "/var/log", "type": "Directory"}}),
+            ),
+            "/var/log".to_string(),
+            false,
+        ),
+        (
+            volume("cfg", json!({"configMap": {"name": "settings"}})),
+            format!("{vols}/kubernetes.io~configmap/cfg"),
+            true,
+        ),
+        (
+            volume("sec", json!({"secret": {"secretName": "creds"}})),
+            format!("{vols}/kubernetes.io~secret/sec"),
+            true,
+        ),
+        (
+            volume("proj", json!({"projected": {"sources": []}})),
+            format!("{vols}/kubernetes.io~projected/proj"),
+            true,
+        ),
+        (
+            volume("down", json!({"downwardAPI": {"items": []}})),
+            format!("{vols}/kubernetes.io~downward-api/down"),
+            true,
+        ),
+        (
+            volume("inline", json!({"csi": {"driver": "d"}})),
+            format!("{vols}/kubernetes.io~csi/inline/mount"),
+            false,
+        ),
+        (
+            volume(
+                "inline-ro",
+                json!({"csi": {"driver": "d", "readOnly": true}}),
+            ),
+            format!("{vols}/kubernetes.io~csi/inline-ro/mount"),
+            true,
+        ),
+        (
+            volume(
+                "pvc-csi",
+                json!({"persistentVolumeClaim": {"claimName": "c1"}}),
+            ),
+            format!("{vols}/kubernetes.io~csi/pv-1/mount"),
+            false,
+        ),
+        (
+            volume(
+                "pvc-ro",
+                json!({"persistentVolumeClaim": {"claimName": "c1", "readOnly": true}}),
+            ),
+            format!("{vols}/kubernetes.io~csi/pv-1/mount"),
+            true,
+        ),
+        (
+            volume(
+                "pvc-local",
+                json!({"persistentVolumeClaim": {"claimName": "c2"}}),
+            ),
+            format!("{vols}/kubernetes.io~local-volume/pv-2"),
+            false,
+        ),
+        (
+            volume(
+                "pvc-host",
+                json!({"persistentVolumeClaim": {"claimName": "c3"}}),
+            ),
+            "/srv/pv-3".to_string(),
+            false,
+        ),
+        (
+            volume(
+                "pvc-nfs",
+                json!({"persistentVolumeClaim": {"claimName": "c4"}}),
+            ),
+            format!("{vols}/kubernetes.io~nfs/pv-4"),
+            false,
+        ),
+        (
+            volume(
+                "scratch",
+                json!({"ephemeral": {"volumeClaimTemplate": {"spec": {}}}}),
+            ),
+            format!("{vols}/kubernetes.io~csi/pv-5/mount"),
+            false,
+        ),
+    ];
+    let mut case = Case::new();
+    case.refs.claims = BTreeMap::from([
+        ("c1".to_string(), bound("pv-1", ClaimSource::Csi)),
+        ("c2".to_string(), bound("pv-2", ClaimSource::Local)),
+        (
+            "c3".to_string(),
+            bound("pv-3", ClaimSource::HostPath("/srv/pv-3".into())),
+        ),
+        ("c4".to_string(), bound("pv-4", ClaimSource::Nfs)),
+        ("web-scratch".to_string(), bound("pv-5", ClaimSource::Csi)),
+    ]);
+    case.pod = pod(PodSpec {
+        volumes: Some(table.iter().map(|(v, _, _)| v.clone()).collect()),
+        ..Default::default()
+    });
+    case.container.volume_mounts = Some(
+        table
+            .iter()
+            .map(|(v, _, _)| mount(&v.name, &format!("/{}", v.name)))
+            .collect(),
+    );
+    let want: Vec<(String, String, bool)> = table
+        .iter()
+        .map(|(v, host, ro)| (format!("/{}", v.name), host.clone(), *ro))
+        .collect();
+    assert_eq!(case.mounts().unwrap(), want);
+}
+
+#[test]
+fn mount_propagation_like_the_kubelet() {
+    let table = [
+        (None, Ok(MountPropagation::PropagationPrivate)),
+        (Some("None"), Ok(MountPropagation::PropagationPrivate)),
+        (
+            Some("HostToContainer"),
+            Ok(MountPropagation::PropagationHostToContainer),
+        ),
+        (
+            Some("Bidirectional"),
+            Ok(MountPropagation::PropagationBidirectional),
+        ),
+        (
+            Some("Shared"),
+            Err("invalid MountPropagation mode: \"Shared\""),
+        ),
+    ];
+    for (mode, want) in table {
+        let mut case = Case::new();
+        case.pod = pod(PodSpec {
+            volumes: Some(vec![volume(
+                "host",
+                serde_json::json!({"hostPath": {"path": "/mnt"}}),
+            )]),
+            ..Default::default()
+        });
+        case.container.volume_mounts = Some(vec![VolumeMount {
+            mount_propagation: mode.map(Into::into),
+            ..mount("host", "/mnt")
+        }]);
+        let got = case
+            .run()
+            .map(|c| c.mounts[0].propagation)
+            .map_err(|e| e.to_string());
+        assert_eq!(
+            got,
+            want.map(|p| p as i32).map_err(str::to_string),
+            "{mode:?}"
+        );
+    }
+}
+
+#[test]
+fn volumes_the_agent_cannot_locate_are_clear_config_errors() {
+    use serde_json::json;
+    let table = [
+        (
+            volume(
+                "unbound",
+                json!({"persistentVolumeClaim": {"claimName": "pending"}}),
+            ),
+            None,
+            "volume \"unbound\": persistentvolumeclaim \"pending\" is not bound to a persistent volume",
+        ),
+        (
+            volume("disk", json!({"persistentVolumeClaim": {"claimName": "c"}})),
+            None,
+            "volume \"disk\": persistent volume \"pv-9\" is of type iscsi; ephemerald can mount csi, hostPath, local and nfs persistent volumes",
+        ),
+        (
+            volume(
+                "old",
+                json!({"iscsi": {"targetPortal": "t", "iqn": "i", "lun": 0}}),
+            ),
+            None,
+            "volume \"old\": only hostPath, emptyDir, configMap, secret, projected, downwardAPI, csi, persistentVolumeClaim and ephemeral volumes can be mounted by ephemerald",
+        ),
+        (
+            volume("ro", json!({"emptyDir": {}})),
+            Some("Enabled"),
+            "volume \"ro\": recursiveReadOnly: Enabled is not supported by ephemerald",
+        ),
+    ];
+    let mut case = Case::new();
+    case.container.volume_devices = Some(vec![k8s_openapi::api::core::v1::VolumeDevice {
+        name: "raw".into(),
+        device_path: "/dev/xvda".into(),
+    }]);
+    assert_eq!(
+        case.run().unwrap_err().to_string(),
+        "volumeDevices are not supported by ephemerald (volume \"raw\")"
+    );
+    for (vol, rro, want) in table {
+        let mut case = Case::new();
+        case.refs.claims = BTreeMap::from([(
+            "c".to_string(),
+            bound("pv-9", ClaimSource::Other("iscsi".into())),
+        )]);
+        case.container.volume_mounts = Some(vec![VolumeMount {
+            read_only: Some(true),
+            recursive_read_only: rro.map(Into::into),
+            ..mount(&vol.name, "/v")
+        }]);
+        case.pod = pod(PodSpec {
+            volumes: Some(vec![vol]),
+            ..Default::default()
+        });
+        assert_eq!(case.run().unwrap_err().to_string(), want);
+    }
 }
 
 #[test]

@@ -2,8 +2,8 @@
 //! `/version`, in both the plain form and the aggregated
 //! (`apidiscovery.k8s.io/v2`) form that kubectl asks for first. Lists what
 //! this server serves: pods (with `ephemeralcontainers` and `status`),
-//! events, secrets, namespaces, `coordination.k8s.io/v1` leases and
-//! `events.k8s.io/v1` events.
+//! events, secrets, configmaps, persistentvolumeclaims, persistentvolumes,
+//! nodes, namespaces, `coordination.k8s.io/v1` leases and `events.k8s.io/v1` events.
 
 use serde_json::{Value, json};
 
@@ -55,6 +55,16 @@ const CORE: Group = Group {
     version: "v1",
     resources: &[
         Resource {
+            name: "configmaps",
+            singular: "configmap",
+            kind: "ConfigMap",
+            namespaced: true,
+            verbs: &RW,
+            short: &["cm"],
+            categories: &[],
+            subresources: &[],
+        },
+        Resource {
             name: "events",
             singular: "event",
             kind: "Event",
@@ -71,6 +81,36 @@ const CORE: Group = Group {
             namespaced: false,
             verbs: &["get", "list"],
             short: &["ns"],
+            categories: &[],
+            subresources: &[],
+        },
+        Resource {
+            name: "nodes",
+            singular: "node",
+            kind: "Node",
+            namespaced: false,
+            verbs: &["create", "get", "list"],
+            short: &["no"],
+            categories: &[],
+            subresources: &[],
+        },
+        Resource {
+            name: "persistentvolumeclaims",
+            singular: "persistentvolumeclaim",
+            kind: "PersistentVolumeClaim",
+            namespaced: true,
+            verbs: &RW,
+            short: &["pvc"],
+            categories: &[],
+            subresources: &[],
+        },
+        Resource {
+            name: "persistentvolumes",
+            singular: "persistentvolume",
+            kind: "PersistentVolume",
+            namespaced: false,
+            verbs: &["create", "get", "list"],
+            short: &["pv"],
             categories: &[],
             subresources: &[],
         },

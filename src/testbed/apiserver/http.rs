@@ -274,7 +274,8 @@ pub(crate) fn router(app: App) -> Router {
             "/api/v1/namespaces/{ns}/pods/{name}/{sub}",
             get(get_pod_sub).put(put_pod_sub).patch(patch_pod_sub),
         )
-        .route("/api/v1/{resource}", get(core_all))
+        .route("/api/v1/{resource}", get(core_all).post(cluster_create))
+        .route("/api/v1/{resource}/{name}", get(cluster_get))
         .route(
             "/api/v1/namespaces/{ns}/{resource}",
             get(core_list).post(core_create),
@@ -684,12 +685,26 @@ impl<'a> Target<'a> {
     fn resolve(self) -> Result<(Kind, View), StatusError> {
         resolve(self.group, self.version, self.resource)
     }
+
+    /// [`Target::resolve`] for an object path: namespaced kinds are served
+    /// under a namespace (`ns` non-empty), cluster-scoped ones outside.
+    fn resolve_in(self, ns: &str) -> Result<(Kind, View), StatusError> {
+        let (kind, view) = self.resolve()?;
+        if kind.namespaced() == ns.is_empty() {
+            return Err(StatusError::no_such_path());
+        }
+        Ok((kind, view))
+    }
 }
 
 fn resolve(group: &str, version: &str, resource: &str) -> Result<(Kind, View), StatusError> {
     match (group, version, resource) {
         ("", "v1", "events") => Ok((Kind::Event, View::Core)),
         ("", "v1", "secrets") => Ok((Kind::Secret, View::Core)),
+        ("", "v1", "configmaps") => Ok((Kind::ConfigMap, View::Core)),
+        ("", "v1", "persistentvolumeclaims") => Ok((Kind::PersistentVolumeClaim, View::Core)),
+        ("", "v1", "persistentvolumes") => Ok((Kind::PersistentVolume, View::Core)),
+        ("", "v1", "nodes") => Ok((Kind::Node, View::Core)),
         ("events.k8s.io", "v1", "events") => Ok((Kind::Event, View::EventsV1)),
         ("coordination.k8s.io", "v1", "leases") => Ok((Kind::Lease, View::Core)),
         _ => Err(StatusError::no_such_path()),
@@ -703,6 +718,9 @@ fn obj_list(
     q: &HashMap<String, String>,
 ) -> ApiResult {
     let (kind, view) = target.resolve()?;
+    if ns.is_some() && !kind.namespaced() {
+        return Err(StatusError::no_such_path());
+    }
     if is_true(q, "watch") {
         return Err(StatusError::method_not_allowed("watch", target.resource));
     }
@@ -754,14 +772,14 @@ fn obj_create(
     headers: &HeaderMap,
     body: &[u8],
 ) -> ApiResult {
-    let (kind, view) = target.resolve()?;
+    let (kind, view) = target.resolve_in(ns)?;
     let obj: Value = json_body(headers, body)?;
     let created = app.store.create_object(kind, ns, view.store_form(obj))?;
     Ok(json_response(StatusCode::CREATED, &view.show(created)))
 }
 
 fn obj_get(app: &App, target: Target<'_>, ns: &str, name: &str) -> ApiResult {
-    let (kind, view) = target.resolve()?;
+    let (kind, view) = target.resolve_in(ns)?;
     ok(&view.show(app.store.get_object(kind, ns, name)?))
 }
 
@@ -773,7 +791,7 @@ fn obj_put(
     headers: &HeaderMap,
     body: &[u8],
 ) -> ApiResult {
-    let (kind, view) = target.resolve()?;
+    let (kind, view) = target.resolve_in(ns)?;
     let obj: Value = json_body(headers, body)?;
     let updated = app
         .store
@@ -790,7 +808,7 @@ fn obj_patch(
     headers: &HeaderMap,
     body: &[u8],
 ) -> ApiResult {
-    let (kind, view) = target.resolve()?;
+    let (kind, view) = target.resolve_in(ns)?;
     let pt = patch_type(headers, q)?;
     let updated = app.store.update_object(kind, ns, name, |old| {
         let patched = patch::apply(pt, &view.show(old.clone()), body, meta_strategy)?;
@@ -800,7 +818,7 @@ fn obj_patch(
 }
 
 fn obj_delete(app: &App, target: Target<'_>, ns: &str, name: &str) -> ApiResult {
-    let (kind, view) = target.resolve()?;
+    let (kind, view) = target.resolve_in(ns)?;
     ok(&view.show(app.store.delete_object(kind, ns, name)?))
 }
 
@@ -810,6 +828,22 @@ async fn core_all(
     Query(q): Params,
 ) -> ApiResult {
     obj_list(&app, Target::core(&resource), None, &q)
+}
+
+async fn cluster_create(
+    State(app): State<App>,
+    Path(resource): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    obj_create(&app, Target::core(&resource), "", &headers, &body)
+}
+
+async fn cluster_get(
+    State(app): State<App>,
+    Path((resource, name)): Path<(String, String)>,
+) -> ApiResult {
+    obj_get(&app, Target::core(&resource), "", &name)
 }
 
 async fn core_list(

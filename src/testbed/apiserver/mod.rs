@@ -5,9 +5,10 @@
 //! demo's default API server and the fixture of the component tests.
 //!
 //! What it owns: pods, events (core/v1 and the events.k8s.io/v1 view of
-//! them), secrets and `coordination.k8s.io/v1` leases, in memory, under one
-//! global resourceVersion counter like etcd's revision. Namespaces are
-//! implicit (every name exists).
+//! them), secrets, configmaps, persistentvolumeclaims, persistentvolumes
+//! and nodes (both cluster-scoped: create, get, list) and `coordination.k8s.io/v1` leases,
+//! in memory, under one global resourceVersion counter like etcd's
+//! revision. Namespaces are implicit (every name exists).
 //!
 //! Faithful to kube-apiserver (measured against kubectl 1.37 and read from
 //! the registry code; see `notes/apiserver.md`):

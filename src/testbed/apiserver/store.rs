@@ -106,6 +106,12 @@ pub(crate) enum CreateMode {
 pub(crate) enum Kind {
     Event,
     Secret,
+    ConfigMap,
+    PersistentVolumeClaim,
+    /// Cluster-scoped: stored under the namespace "".
+    PersistentVolume,
+    /// Cluster-scoped.
+    Node,
     Lease,
 }
 
@@ -114,6 +120,10 @@ impl Kind {
         match self {
             Kind::Event => "events",
             Kind::Secret => "secrets",
+            Kind::ConfigMap => "configmaps",
+            Kind::PersistentVolumeClaim => "persistentvolumeclaims",
+            Kind::PersistentVolume => "persistentvolumes",
+            Kind::Node => "nodes",
             Kind::Lease => "leases",
         }
     }
@@ -127,6 +137,10 @@ impl Kind {
         match self {
             Kind::Event => "Event",
             Kind::Secret => "Secret",
+            Kind::ConfigMap => "ConfigMap",
+            Kind::PersistentVolumeClaim => "PersistentVolumeClaim",
+            Kind::PersistentVolume => "PersistentVolume",
+            Kind::Node => "Node",
             Kind::Lease => "Lease",
         }
     }
@@ -135,6 +149,10 @@ impl Kind {
             Kind::Lease => "coordination.k8s.io/v1",
             _ => "v1",
         }
+    }
+    /// Whether objects of the kind live in a namespace.
+    pub fn namespaced(self) -> bool {
+        !matches!(self, Kind::PersistentVolume | Kind::Node)
     }
     /// Kind as `errors.NewInvalid` prints it (`Lease.coordination.k8s.io`).
     pub fn qualified_kind(self) -> String {
@@ -775,9 +793,16 @@ impl Store {
             obj["metadata"] = json!({});
         }
         let meta = &mut obj["metadata"];
-        match meta["namespace"].as_str() {
-            Some(n) if !n.is_empty() && n != ns => return Err(namespace_mismatch()),
-            _ => meta["namespace"] = json!(ns),
+        if !kind.namespaced() {
+            // kube-apiserver drops a namespace sent for a cluster-scoped object.
+            if let Some(m) = meta.as_object_mut() {
+                m.remove("namespace");
+            }
+        } else {
+            match meta["namespace"].as_str() {
+                Some(n) if !n.is_empty() && n != ns => return Err(namespace_mismatch()),
+                _ => meta["namespace"] = json!(ns),
+            }
         }
         if meta["name"].as_str().unwrap_or("").is_empty()
             && let Some(prefix) = meta["generateName"].as_str().filter(|p| !p.is_empty())
