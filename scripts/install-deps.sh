@@ -2,7 +2,8 @@
 # Installs the Debian packages the testbed and the build need: containerd and
 # runc (the CRI runtime), the CNI plugins, busybox-static (the debug image),
 # protobuf-compiler (containerd-client's build), iproute2 (the CNI bridge's
-# teardown), gcc and libc6-dev (the static pause and app programs).
+# teardown), gcc and libc6-dev (the static pause and app programs),
+# ca-certificates (the CA bundle of the agent's own image, as in deploy/Dockerfile).
 #
 # Idempotent: asks dpkg what is missing first and runs `apt-get update` and
 # `apt-get install` only when something is. Needs root; Debian 12.
@@ -19,6 +20,7 @@ PACKAGES=(
     iproute2
     gcc
     libc6-dev
+    ca-certificates
 )
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }

@@ -13,6 +13,10 @@
 //! - The image names are the constants below; `ensure_images` imports all
 //!   three into containerd's `k8s.io` namespace, where the CRI sees them at
 //!   once.
+//! - The agent's own image ([`AGENT_IMAGE`], for running the DaemonSet's pod
+//!   on the testbed) is built on demand from a cargo-built binary and the
+//!   shared libraries `ldd` names for it, with `deploy/Dockerfile`'s
+//!   entrypoint and command.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -31,6 +35,13 @@ pub const PAUSE_IMAGE: &str = "ephemerald.local/pause:3.10";
 pub const BUSYBOX_IMAGE: &str = "ephemerald.local/busybox:1.35";
 /// The shell-less ("distroless") app image: one static binary, `/app`.
 pub const APP_IMAGE: &str = "ephemerald.local/app:1.0";
+/// The agent's image, [`build_agent`] builds it from a local binary. It is
+/// not among [`ALL_IMAGES`]: only the DaemonSet test imports it.
+pub const AGENT_IMAGE: &str = "ephemerald.local/ephemerald:dev";
+/// Where `deploy/Dockerfile` installs the agent, its `ENTRYPOINT`.
+pub const AGENT_BIN_IN_IMAGE: &str = "/usr/local/bin/ephemerald";
+/// Debian's CA bundle (package `ca-certificates`), copied into the agent's image.
+pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// All images the testbed imports, in import order.
 pub const ALL_IMAGES: [&str; 3] = [PAUSE_IMAGE, BUSYBOX_IMAGE, APP_IMAGE];
 
@@ -199,6 +210,82 @@ pub fn build_busybox(cache_dir: &Path) -> Result<BuiltImage, TestbedError> {
         env: vec![],
     };
     build_image(cache_dir, BUSYBOX_IMAGE, &entries, &config)
+}
+
+/// Builds (or takes from the cache) the agent's image from `binary` (a
+/// cargo-built `ephemerald`): the binary at [`AGENT_BIN_IN_IMAGE`] plus the
+/// dynamic loader and shared libraries `ldd` lists for it, each at the path
+/// `ldd` shows, so the loader finds them in its default directories. The
+/// config matches `deploy/Dockerfile`: `ENTRYPOINT ["/usr/local/bin/ephemerald"]`,
+/// `CMD ["run"]`. Besides, only the host's CA bundle ([`CA_BUNDLE`], the
+/// Dockerfile's `ca-certificates`): the Kubernetes client builds its TLS
+/// set-up from the system's roots whenever the kubeconfig names no CA, even
+/// for a plain-http server, and refuses to start without any. No shell.
+pub fn build_agent(cache_dir: &Path, binary: &Path) -> Result<BuiltImage, TestbedError> {
+    let ldd = run(Command::new("ldd").arg(binary), "ldd")?;
+    if let Some(line) = ldd.lines().find(|l| l.contains("not found")) {
+        return Err(TestbedError::Invalid(format!(
+            "{}: a shared library is missing: {}",
+            binary.display(),
+            line.trim()
+        )));
+    }
+    // (path in the image, mode, bytes)
+    let mut files = vec![
+        (AGENT_BIN_IN_IMAGE, 0o755, read(binary)?),
+        (CA_BUNDLE, 0o644, read(Path::new(CA_BUNDLE))?),
+    ];
+    let libs = shared_libraries(&ldd);
+    for lib in &libs {
+        files.push((lib, 0o755, read(Path::new(lib))?));
+    }
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, _, _) in &files {
+        let mut parent = Path::new(path.trim_start_matches('/')).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            dirs.insert(p.display().to_string());
+            parent = p.parent();
+        }
+    }
+    // BTreeSet order puts every parent before its children.
+    let mut entries: Vec<LayerEntry> = dirs
+        .into_iter()
+        .map(|path| LayerEntry::Dir { path, mode: 0o755 })
+        .collect();
+    entries.extend(
+        files
+            .into_iter()
+            .map(|(path, mode, data)| LayerEntry::File {
+                path: path.trim_start_matches('/').to_string(),
+                mode,
+                data,
+            }),
+    );
+    let config = ImageConfig {
+        entrypoint: vec![AGENT_BIN_IN_IMAGE.into()],
+        cmd: vec!["run".into()],
+        env: vec![],
+    };
+    build_image(cache_dir, AGENT_IMAGE, &entries, &config)
+}
+
+/// The absolute paths of the shared objects in `ldd` output, the dynamic
+/// loader included (`libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)`,
+/// `/lib64/ld-linux-x86-64.so.2 (0x…)`); the kernel's vDSO has no file.
+fn shared_libraries(ldd: &str) -> Vec<String> {
+    ldd.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.trim(),
+                None => line,
+            };
+            path.split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/'))
+                .map(str::to_string)
+        })
+        .collect()
 }
 
 /// Builds (or takes from the cache) all three images, in [`ALL_IMAGES`] order.
@@ -727,6 +814,22 @@ mod tests {
             build_image(a.path(), "example.local/hello:1.2", &changed, &config).unwrap();
         assert_ne!(different.manifest_digest, first.manifest_digest);
         assert_ne!(different.tarball, first.tarball);
+    }
+
+    #[test]
+    fn shared_libraries_come_from_ldd_output_with_the_loader_and_without_the_vdso() {
+        let ldd = "\tlinux-vdso.so.1 (0x00007ffd1a5f2000)\n\
+                   \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f0f1c7a0000)\n\
+                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f0f1c400000)\n\
+                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f0f1c7e0000)\n";
+        assert_eq!(
+            shared_libraries(ldd),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+        );
     }
 
     #[test]

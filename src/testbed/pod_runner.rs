@@ -6,7 +6,8 @@
 //! plugin puts them (`<pods>/<uid>/volumes/kubernetes.io~empty-dir/<name>`,
 //! mode 0777) and `hostPath` ones of type `DirectoryOrCreate` are created;
 //! both are mounted into the containers that name them. No other volume
-//! types, restarts or probes.
+//! types, restarts or probes. [`make_rshared`] does the kubelet's start-up
+//! step that lets containers mount pod directories with mount propagation.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -225,6 +226,37 @@ impl PodRunner {
         }
         Ok(())
     }
+}
+
+/// Makes `dir` a mount point shared with its peers, recursively, as the
+/// kubelet does with its root directory at start (`setupDataDirs` →
+/// `MakeRShared`): a bind mount of the directory onto itself unless it is a
+/// mount point already, then `--make-rshared`. The runtime refuses
+/// `mountPropagation: HostToContainer` (rslave) and `Bidirectional` (rshared)
+/// for a host path below a private mount, and this machine's `/` is private.
+/// The testbed's teardown unmounts it with everything else under its
+/// directory.
+pub fn make_rshared(dir: &Path) -> std::io::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    if !super::containerd::mounts_under(&dir).contains(&dir) {
+        mount(
+            Some(&dir),
+            &dir,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )?;
+    }
+    mount(
+        None::<&str>,
+        &dir,
+        None::<&str>,
+        MsFlags::MS_SHARED | MsFlags::MS_REC,
+        None::<&str>,
+    )?;
+    Ok(())
 }
 
 /// The kubelet's volume set-up for the types the runner supports: an
