@@ -26,6 +26,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
 const MANIFEST: &str = include_str!("../deploy/daemonset.yaml");
+const DOCKERFILE: &str = include_str!("../deploy/Dockerfile");
 const NODE: &str = "node-ds";
 const WAIT: Duration = Duration::from_secs(30);
 /// Where the testbed mounts the kubeconfig of its local API server.
@@ -47,6 +48,25 @@ fn daemonset() -> DaemonSet {
         "every field of the DaemonSet is an API field"
     );
     ds
+}
+
+/// The JSON array of a Dockerfile instruction in exec form, e.g. `CMD ["run"]`.
+fn dockerfile_exec_form(instruction: &str) -> Vec<String> {
+    let line = DOCKERFILE
+        .lines()
+        .rfind(|l| l.starts_with(&format!("{instruction} ")))
+        .unwrap_or_else(|| panic!("deploy/Dockerfile has no {instruction}"));
+    serde_json::from_str(&line[instruction.len()..])
+        .unwrap_or_else(|e| panic!("{line}: not in exec form: {e}"))
+}
+
+#[test]
+fn the_testbed_image_keeps_the_dockerfiles_entrypoint_and_command() {
+    assert_eq!(
+        dockerfile_exec_form("ENTRYPOINT"),
+        [images::AGENT_BIN_IN_IMAGE]
+    );
+    assert_eq!(dockerfile_exec_form("CMD"), images::AGENT_CMD);
 }
 
 /// The pod the DaemonSet controller creates from the template for a node
@@ -378,7 +398,7 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
         .into_iter()
         .map(|c| c.id)
         .collect();
-    assert_eq!(in_runtime, [dbg_id.clone()], "exactly one dbg container");
+    assert_eq!(in_runtime, [dbg_id.as_str()], "exactly one dbg container");
     let dbg_pid = host_pid(stack.cri.as_ref(), &dbg_id).await;
     let app_pid = host_pid(stack.cri.as_ref(), &web_run.containers["app"]).await;
     assert_eq!(
@@ -421,6 +441,11 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
         log()
     );
     assert!(log().contains("SIGTERM: draining"), "{}", log());
+    assert!(
+        !log().contains('\x1b'),
+        "plain text for `kubectl logs`, no terminal colours: {:?}",
+        log()
+    );
     let dbg_state = stack
         .cri
         .container_status(&dbg_id, false)

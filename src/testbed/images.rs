@@ -40,6 +40,8 @@ pub const APP_IMAGE: &str = "ephemerald.local/app:1.0";
 pub const AGENT_IMAGE: &str = "ephemerald.local/ephemerald:dev";
 /// Where `deploy/Dockerfile` installs the agent, its `ENTRYPOINT`.
 pub const AGENT_BIN_IN_IMAGE: &str = "/usr/local/bin/ephemerald";
+/// `deploy/Dockerfile`'s `CMD`, the arguments when a pod gives none.
+pub const AGENT_CMD: [&str; 1] = ["run"];
 /// Debian's CA bundle (package `ca-certificates`), copied into the agent's image.
 pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// All images the testbed imports, in import order.
@@ -263,7 +265,7 @@ pub fn build_agent(cache_dir: &Path, binary: &Path) -> Result<BuiltImage, Testbe
     );
     let config = ImageConfig {
         entrypoint: vec![AGENT_BIN_IN_IMAGE.into()],
-        cmd: vec!["run".into()],
+        cmd: AGENT_CMD.map(String::from).to_vec(),
         env: vec![],
     };
     build_image(cache_dir, AGENT_IMAGE, &entries, &config)
