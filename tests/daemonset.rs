@@ -100,6 +100,7 @@ fn daemonset_pod(ds: &DaemonSet) -> Pod {
 /// Lease, so `auto` starts containers, as on a node without a kubelet).
 fn adapt_to_testbed(pod: &mut Pod, stack: &Stack) {
     let kubelet_root = stack.dirs.pods.parent().expect("pods dir has a parent");
+    // (host path in the manifest, the testbed's, mounted at its host path)
     let host_dirs = [
         ("/run/containerd", stack.containerd.dir(), false),
         ("/var/log/pods", stack.dirs.pod_logs.as_path(), true),
@@ -242,6 +243,17 @@ async fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((code, body.to_string()))
 }
 
+/// A line's value from `/proc/<pid>/status`, e.g. `CapEff`.
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
 /// A namespace link of a host process, e.g. `mnt:[4026531840]`.
 fn ns(pid: u32, kind: &str) -> String {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
@@ -303,6 +315,11 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
     let ready_port = probe_port(container.readiness_probe.as_ref());
     let live_port = probe_port(container.liveness_probe.as_ref());
 
+    // The port is fixed by the manifest and bound on the host network.
+    if let Err(e) = std::net::TcpListener::bind(("0.0.0.0", ready_port)) {
+        panic!("port {ready_port} (the manifest's probe port) is taken on this host: {e}");
+    }
+
     let (agent_pod, agent_run) = stack.run_pod(pod).await.expect("the DaemonSet's pod runs");
     let agent_id = agent_run.containers[&container.name].clone();
     let agent_log =
@@ -355,6 +372,36 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
     );
     assert_eq!(ns(agent_pid, "pid"), ns(me, "pid"), "hostPID");
     assert_eq!(ns(agent_pid, "net"), ns(me, "net"), "hostNetwork");
+    assert!(
+        log().contains(&format!(
+            "serving /healthz, /readyz, /metrics, /timelines addr=0.0.0.0:{ready_port}"
+        )),
+        "the probes reached the containerized agent: {}",
+        log()
+    );
+    // privileged: every capability, as this (root) test process has.
+    assert_eq!(
+        status_field(agent_pid, "CapEff"),
+        status_field(me, "CapEff"),
+        "privileged"
+    );
+    // HostToContainer: a mount made below the pods dir after the agent
+    // started (as the kubelet mounts a pod's volumes) reaches the agent.
+    let late = stack.dirs.pods.join("mounted-after-the-agent");
+    std::fs::create_dir_all(&late).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &late,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("tmpfs below the pods dir");
+    let agent_mounts = std::fs::read_to_string(format!("/proc/{agent_pid}/mountinfo")).unwrap();
+    assert!(
+        agent_mounts.contains(&format!(" {} ", late.display())),
+        "mount propagation HostToContainer: {agent_mounts}"
+    );
 
     let (web, web_run) = stack.run_pod(app_pod("web")).await.expect("app pod runs");
     stack
