@@ -98,11 +98,24 @@ pub async fn run_with_client(
     shutdown: CancellationToken,
     started: impl FnOnce(Handles),
 ) -> Result<(), Error> {
-    let metrics = Arc::new(Metrics::default());
-    let health = Arc::new(Mutex::new(Health::default()));
     let runtime: Arc<dyn Runtime> = Arc::new(
         CriClient::new(&config.cri_endpoint)?.with_timeout(config.runtime_request_timeout),
     );
+    run_with_runtime(config, client, runtime, shutdown, started).await
+}
+
+/// [`run_with_client`] with a given runtime (tests wrap the real CRI client
+/// to count or delay its calls). Exit events still come from
+/// `config.containerd_socket` and from `runtime`.
+pub async fn run_with_runtime(
+    config: Config,
+    client: kube::Client,
+    runtime: Arc<dyn Runtime>,
+    shutdown: CancellationToken,
+    started: impl FnOnce(Handles),
+) -> Result<(), Error> {
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Mutex::new(Health::default()));
     let runtime_name = wait_for_runtime(runtime.as_ref(), &health, &shutdown).await;
     let cluster: Arc<dyn Cluster> = Arc::new(KubeCluster::new(client.clone()));
 
@@ -251,9 +264,15 @@ pub async fn run_with_client(
         }
     });
 
-    let error_policy = |_pod: Arc<Pod>, err: &ReconcileError, _agent: Arc<Agent>| {
-        tracing::warn!(error = %err, "reconcile failed; retrying");
-        Action::requeue(Duration::from_secs(2))
+    let error_policy = |pod: Arc<Pod>, err: &ReconcileError, agent: Arc<Agent>| {
+        let delay = agent.retry_delay(&pod);
+        tracing::warn!(
+            pod = %format!("{}/{}", kubelet::namespace(&pod), kubelet::name(&pod)),
+            error = %err,
+            retry_in_ms = delay.as_millis() as u64,
+            "reconcile failed; retrying"
+        );
+        Action::requeue(delay)
     };
     controller
         .run(

@@ -195,6 +195,9 @@ pub struct Agent {
     pub health: SharedHealth,
     memory: Mutex<HashMap<String, PodMemory>>,
     exits: Mutex<HashMap<String, ObjectRef<Pod>>>,
+    /// Pods whose last pass failed (runtime or API server unreachable, a
+    /// status write refused), with the delay before the next try.
+    retries: Mutex<HashMap<String, Backoff>>,
 }
 
 impl Agent {
@@ -225,6 +228,7 @@ impl Agent {
             health,
             memory: Mutex::default(),
             exits: Mutex::default(),
+            retries: Mutex::default(),
         }
     }
 
@@ -243,6 +247,7 @@ impl Agent {
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect();
         lock(&self.memory).retain(|uid, _| uids.contains(uid.as_str()));
+        lock(&self.retries).retain(|uid, _| uids.contains(uid.as_str()));
         lock(&self.exits).retain(|_, pod| refs.contains(pod));
     }
 
@@ -269,7 +274,23 @@ impl Agent {
         }
         self.metrics.reconciles.inc();
         let span = tracing::info_span!("reconcile", pod = %format!("{}/{}", kubelet::namespace(pod), kubelet::name(pod)), uid = %uid);
-        self.pass(pod, &uid).instrument(span).await
+        let result = self.pass(pod, &uid).instrument(span).await;
+        if result.is_ok() {
+            lock(&self.retries).remove(&uid);
+        }
+        result
+    }
+
+    /// When to try a pod again whose pass failed: the stream policy
+    /// (jittered, 0.8 s doubling to 30 s) per pod, so an unreachable runtime
+    /// or API server is not hammered; a pass that finishes resets it. A new
+    /// event for the pod (the watch coming back relists every pod) runs a
+    /// pass sooner.
+    pub fn retry_delay(&self, pod: &Pod) -> Duration {
+        lock(&self.retries)
+            .entry(kubelet::uid(pod).to_string())
+            .or_insert_with(Backoff::watch)
+            .next_delay()
     }
 
     async fn pass(&self, pod: &Pod, uid: &str) -> Result<Action, ReconcileError> {
