@@ -24,7 +24,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -191,16 +191,34 @@ pub async fn run_with_runtime(
 
     // Exit events → the owning pod's ObjectRef → an immediate reconcile.
     let (exit_tx, mut exit_rx) = mpsc::channel(256);
+    let (opened_tx, mut opened_rx) = mpsc::channel(4);
     tasks.spawn(events::run(
         events::Sources {
             runtime: runtime.clone(),
             containerd_socket: config.containerd_socket.clone(),
             namespace: config.containerd_namespace.clone(),
+            opened: Some(opened_tx),
         },
         exit_tx,
         shutdown.clone(),
     ));
     let (requeue_tx, requeue_rx) = mpsc::channel(256);
+    // A (re)opened exit stream may have missed exits: re-check every pod
+    // with a live ephemeral container.
+    let (opened_agent, opened_requeue) = (agent.clone(), requeue_tx.clone());
+    tasks.spawn(async move {
+        while let Some(source) = opened_rx.recv().await {
+            let pods = opened_agent.live_owners();
+            tracing::debug!(
+                ?source,
+                pods = pods.len(),
+                "exit events (re)opened; re-checking"
+            );
+            for pod in pods {
+                let _ = opened_requeue.send(pod).await;
+            }
+        }
+    });
     let owner_agent = agent.clone();
     let exit_runtime = runtime.clone();
     tasks.spawn(async move {
@@ -221,7 +239,13 @@ pub async fn run_with_runtime(
 
     let pods: kube::Api<Pod> = kube::Api::all(client);
     let selector = format!("spec.nodeName={}", config.node_name);
-    let controller = Controller::new(pods, watcher::Config::default().fields(&selector))
+    let (store, writer) = reflector::store();
+    // Every pod change updates the cache; only changes a pass reads trigger one.
+    let triggers = watcher(pods, watcher::Config::default().fields(&selector))
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(reconcile::agent::trigger_fingerprint, Default::default());
+    let controller = Controller::for_stream(triggers, store)
         .with_config(controller::Config::default().concurrency(32))
         .reconcile_on(ReceiverStream::new(requeue_rx))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());

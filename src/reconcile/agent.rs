@@ -238,6 +238,13 @@ impl Agent {
         lock(&self.exits).get(container_id).cloned()
     }
 
+    /// The pods that own a created or running ephemeral container (the ones
+    /// an exit could change).
+    pub fn live_owners(&self) -> Vec<ObjectRef<Pod>> {
+        let owners: HashSet<ObjectRef<Pod>> = lock(&self.exits).values().cloned().collect();
+        owners.into_iter().collect()
+    }
+
     /// Forgets pods that are gone (the watch no longer lists them), so
     /// memory does not grow with every pod the node ever ran.
     pub fn retain_pods(&self, live: &[Arc<Pod>]) {
@@ -842,6 +849,32 @@ pub fn parse_sandbox_info(info: &str) -> SandboxDetails {
     }
 }
 
+/// A hash of the parts of a pod a reconcile pass reads, so that the watch
+/// triggers a pass only when one of them changed: the ephemeral containers
+/// and their API statuses (someone else may rewrite them), the statuses of
+/// the other containers (a target that starts unblocks a waiting start),
+/// the phase and the deletion timestamp (stop starting). Label, annotation,
+/// condition and IP updates — most of a node's pod traffic — cost no pass
+/// and no runtime call. Exits, start retries and the periodic resync
+/// schedule their passes themselves, past this filter.
+pub fn trigger_fingerprint(pod: &Pod) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let inputs = serde_json::json!([
+        spec.map(|s| &s.ephemeral_containers),
+        spec.map(|s| &s.node_name),
+        status.map(|s| &s.ephemeral_container_statuses),
+        status.map(|s| &s.container_statuses),
+        status.map(|s| &s.init_container_statuses),
+        status.map(|s| &s.phase),
+        &pod.metadata.deletion_timestamp,
+    ]);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    inputs.to_string().hash(&mut h);
+    Some(h.finish())
+}
+
 fn terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
         || pod
@@ -916,6 +949,50 @@ mod tests {
         assert_eq!(v["seen"], "1970-01-01T00:00:01.500000001Z");
         assert_eq!(v["created"], serde_json::Value::Null);
         assert_eq!(v["creator"], "agent");
+    }
+
+    #[test]
+    fn only_changes_a_pass_reads_trigger_one() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "uid": "u1", "labels": {"a": "1"}},
+            "spec": {"containers": [{"name": "app"}]},
+            "status": {"phase": "Running"},
+        }))
+        .unwrap();
+        let base = trigger_fingerprint(&pod);
+        pod.metadata.labels = Some([("a".to_string(), "2".to_string())].into());
+        pod.metadata.annotations = Some([("b".to_string(), "x".to_string())].into());
+        pod.metadata.resource_version = Some("9".into());
+        pod.status.as_mut().unwrap().pod_ip = Some("10.0.0.1".into());
+        assert_eq!(trigger_fingerprint(&pod), base, "labels, annotations, IPs");
+        let mut appended = pod.clone();
+        appended.spec.as_mut().unwrap().ephemeral_containers = Some(vec![
+            serde_json::from_value(serde_json::json!({"name": "dbg"})).unwrap(),
+        ]);
+        assert_ne!(
+            trigger_fingerprint(&appended),
+            base,
+            "an ephemeral container"
+        );
+        let mut target_started = pod.clone();
+        target_started.status.as_mut().unwrap().container_statuses = Some(vec![
+            serde_json::from_value(serde_json::json!({
+                "name": "app", "ready": true, "restartCount": 0, "image": "", "imageID": "",
+                "containerID": "containerd://1",
+            }))
+            .unwrap(),
+        ]);
+        assert_ne!(
+            trigger_fingerprint(&target_started),
+            base,
+            "a target started"
+        );
+        let mut deleted = pod.clone();
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        assert_ne!(trigger_fingerprint(&deleted), base, "deletion");
     }
 
     #[test]

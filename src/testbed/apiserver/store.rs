@@ -612,7 +612,8 @@ impl Store {
                 .as_ref()
                 .and_then(|s| s.ephemeral_container_statuses.clone())
                 .unwrap_or_default();
-            st.conflicted_status.push((format!("{ns}/{name}"), statuses));
+            st.conflicted_status
+                .push((format!("{ns}/{name}"), statuses));
             return Err(StatusError::conflict("pods", "", name));
         }
         // `rest.BeforeUpdate`: identity metadata is immutable. (A client may
