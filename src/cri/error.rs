@@ -115,6 +115,13 @@ impl CriError {
         self.code() == Some(Code::Unimplemented)
     }
 
+    /// containerd refuses to start a container whose start another caller
+    /// began and has not finished (or aborted) yet.
+    pub fn is_start_in_progress(&self) -> bool {
+        matches!(self, CriError::Status { message, .. }
+            if message.contains("already in starting state"))
+    }
+
     /// containerd and CRI-O refuse a second container with the same
     /// `{sandbox, name, attempt}`: someone else created it first.
     pub fn is_name_reserved(&self) -> bool {
@@ -168,6 +175,17 @@ mod tests {
         );
         assert!(e.is_name_reserved());
         assert!(!status(Code::Unknown, "other").is_name_reserved());
+    }
+
+    #[test]
+    fn start_in_progress_is_recognised() {
+        let e = status(
+            Code::Unknown,
+            r#"failed to set starting state for container "abc": container is already in starting state"#,
+        );
+        assert!(e.is_start_in_progress());
+        assert!(!e.is_name_reserved());
+        assert!(!status(Code::Unknown, "other").is_start_in_progress());
     }
 
     #[test]

@@ -35,6 +35,10 @@ use crate::validation;
 /// starts it itself: its creator normally starts it within milliseconds.
 const CREATED_GRACE: Duration = Duration::from_secs(2);
 
+/// When to look again at a container whose creator's start is still under
+/// way in the runtime.
+const START_IN_PROGRESS_RECHECK: Duration = Duration::from_secs(1);
+
 /// A reconcile pass that could not finish; the pod is retried soon.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -158,7 +162,12 @@ struct PodMemory {
     /// The pod's resourceVersion when we last wrote, and what we wrote: the
     /// cache may not show our write yet, and writing it again is waste.
     last_written: Option<(String, Vec<ContainerStatus>)>,
-    runtime_down_reported: bool,
+    /// The runtime did not answer the last pass.
+    runtime_down: bool,
+    /// Containers told that the runtime is down, during the current outage.
+    runtime_down_reported: HashSet<String>,
+    /// Look again at this time (a start someone else began is under way).
+    recheck_at: Option<Instant>,
     sandbox_details: Option<(String, SandboxDetails)>,
 }
 
@@ -315,10 +324,10 @@ impl Agent {
                     h.runtime = Ok(self.runtime_name.clone());
                 }
                 drop(h);
-                lock(&self.memory)
-                    .entry(uid.to_string())
-                    .or_default()
-                    .runtime_down_reported = false;
+                let mut mem = lock(&self.memory);
+                let m = mem.entry(uid.to_string()).or_default();
+                m.runtime_down = false;
+                m.runtime_down_reported.clear();
                 o
             }
             Err(e) => {
@@ -383,42 +392,46 @@ impl Agent {
     }
 
     /// The runtime did not answer: say so once per outage on every ephemeral
-    /// container of the pod that has not run yet (it cannot start now).
+    /// container of the pod that has not run yet (it cannot start now),
+    /// also on those appended during the outage.
     fn report_runtime_down(&self, pod: &Pod, uid: &str, e: &CriError) {
         if e.code() != Some(tonic::Code::Unavailable)
             && e.code() != Some(tonic::Code::DeadlineExceeded)
         {
             return;
         }
-        {
-            let mut mem = lock(&self.memory);
-            let m = mem.entry(uid.to_string()).or_default();
-            if m.runtime_down_reported {
-                return;
-            }
-            m.runtime_down_reported = true;
-        }
         let ran: HashSet<&str> = super::status::api_statuses(pod)
             .iter()
             .filter(|s| s.container_id.is_some())
             .map(|s| s.name.as_str())
             .collect();
-        for c in pod
-            .spec
-            .iter()
-            .flat_map(|s| s.ephemeral_containers.iter().flatten())
-        {
-            if !ran.contains(c.name.as_str()) {
-                self.events.record(ContainerEvent::new(
-                    pod,
-                    &c.name,
-                    EventType::Warning,
-                    "Failed",
-                    format!("Error: container runtime is unavailable: {}", e.message()),
-                ));
-            }
+        let (first, untold) = {
+            let mut mem = lock(&self.memory);
+            let m = mem.entry(uid.to_string()).or_default();
+            let first = !m.runtime_down;
+            m.runtime_down = true;
+            let untold: Vec<String> = pod
+                .spec
+                .iter()
+                .flat_map(|s| s.ephemeral_containers.iter().flatten())
+                .filter(|c| !ran.contains(c.name.as_str()))
+                .filter(|c| m.runtime_down_reported.insert(c.name.clone()))
+                .map(|c| c.name.clone())
+                .collect();
+            (first, untold)
+        };
+        for name in untold {
+            self.events.record(ContainerEvent::new(
+                pod,
+                &name,
+                EventType::Warning,
+                "Failed",
+                format!("Error: container runtime is unavailable: {}", e.message()),
+            ));
         }
-        tracing::error!(error = %e, "container runtime unavailable");
+        if first {
+            tracing::error!(error = %e, "container runtime unavailable");
+        }
     }
 
     /// Carries out one planned action; returns whether the runtime changed.
@@ -479,6 +492,18 @@ impl Agent {
                             format!("Started container {name}"),
                         ));
                         Ok(Started::Adopted { id })
+                    }
+                    Err(e) if e.is_start_in_progress() => {
+                        // The creator's own StartContainer is still under
+                        // way in the runtime (containerd finishes or aborts
+                        // it even when the caller died): not a failure;
+                        // look again once it is settled.
+                        tracing::info!(container = %name, %id, "its creator's start is still under way in the runtime; looking again shortly");
+                        lock(&self.memory)
+                            .entry(uid.to_string())
+                            .or_default()
+                            .recheck_at = Some(Instant::now() + START_IN_PROGRESS_RECHECK);
+                        return false;
                     }
                     Err(e) => {
                         self.events.record(ContainerEvent::new(
@@ -694,10 +719,11 @@ impl Agent {
     }
 
     fn next_pass(&self, uid: &str, now: Instant) -> Duration {
-        let soonest = lock(&self.memory).get(uid).and_then(|m| {
+        let soonest = lock(&self.memory).get_mut(uid).and_then(|m| {
             m.failures
                 .values()
                 .filter_map(|f| f.retry_at)
+                .chain(m.recheck_at.take())
                 .filter(|t| *t > now)
                 .min()
         });
