@@ -223,14 +223,18 @@ pub async fn run_with_runtime(
     let exit_runtime = runtime.clone();
     tasks.spawn(async move {
         while let Some(exit) = exit_rx.recv().await {
-            let Some(pod) = owner_agent.owner_of(&exit.container_id) else {
-                continue;
-            };
-            tracing::debug!(container_id = %exit.container_id, pod = %pod, "exit event");
             // containerd's CRI records the exit from the same event a moment
             // later; requeue once the CRI shows it, so the pass sees it.
-            let (rt, tx) = (exit_runtime.clone(), requeue_tx.clone());
+            let (rt, tx, agent) = (
+                exit_runtime.clone(),
+                requeue_tx.clone(),
+                owner_agent.clone(),
+            );
             tokio::spawn(async move {
+                let Some(pod) = agent.owner_of_exited(&exit.container_id).await else {
+                    return;
+                };
+                tracing::debug!(container_id = %exit.container_id, pod = %pod, "exit event");
                 wait_until_exited(rt.as_ref(), &exit.container_id).await;
                 let _ = tx.send(pod).await;
             });

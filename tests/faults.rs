@@ -713,6 +713,10 @@ impl Runtime for Counting {
 async fn thousands_of_irrelevant_pod_events_make_no_runtime_calls() {
     const PLAIN: usize = 40;
     const ROUNDS: usize = 30;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info,ephemerald=debug"))
+        .with_test_writer()
+        .try_init();
     let stack = stack("f-quiet").await;
     let counting = Arc::new(Counting {
         inner: Arc::new(
@@ -737,10 +741,19 @@ async fn thousands_of_irrelevant_pod_events_make_no_runtime_calls() {
     let (busy, _) = stack.run_pod(app_pod("busy")).await.unwrap();
     add(&stack, "busy", "dbg", Some("app"), "sleep 600").await;
     add(&stack, "busy", "done", None, "exit 0").await;
-    wait_for(&stack, "busy", "dbg running, done terminated", None, |p| {
-        (running(p, "dbg").is_some() && terminated(p, "done").is_some()).then_some(())
-    })
-    .await;
+    let settled = stack
+        .wait_pod(
+            "default",
+            "busy",
+            "dbg running, done terminated",
+            WAIT,
+            |p| (running(p, "dbg").is_some() && terminated(p, "done").is_some()).then_some(()),
+        )
+        .await;
+    if let Err(e) = settled {
+        let status = stack.api.pod("default", "busy").and_then(|p| p.status);
+        panic!("{e}; status: {status:#?}");
+    }
     // Pods on this node without ephemeral containers (never run: nothing
     // asks the runtime about them, so the agent must not either).
     let pods: Api<Pod> = Api::namespaced(stack.api.client(), "default");

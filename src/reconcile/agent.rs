@@ -8,7 +8,7 @@
 //! it again at any time converges to the same state.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -207,6 +207,25 @@ pub struct Agent {
     /// Pods whose last pass failed (runtime or API server unreachable, a
     /// status write refused), with the delay before the next try.
     retries: Mutex<HashMap<String, Backoff>>,
+    /// Starts under way: their containers' exits may arrive before the
+    /// start returns and [`owner_of`](Self::owner_of) knows them.
+    starts_in_flight: AtomicUsize,
+}
+
+/// Counts one start under way while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Agent {
@@ -238,6 +257,7 @@ impl Agent {
             memory: Mutex::default(),
             exits: Mutex::default(),
             retries: Mutex::default(),
+            starts_in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -245,6 +265,23 @@ impl Agent {
     /// container the agent has seen.
     pub fn owner_of(&self, container_id: &str) -> Option<ObjectRef<Pod>> {
         lock(&self.exits).get(container_id).cloned()
+    }
+
+    /// The pod that owns a runtime container whose exit was just reported:
+    /// like [`owner_of`](Self::owner_of), but a container that exits at
+    /// once may report its exit before its start returned, so while starts
+    /// are under way this waits for them (an unknown id is someone else's).
+    pub async fn owner_of_exited(&self, container_id: &str) -> Option<ObjectRef<Pod>> {
+        loop {
+            let busy = self.starts_in_flight.load(Ordering::SeqCst) > 0;
+            if let Some(pod) = self.owner_of(container_id) {
+                return Some(pod);
+            }
+            if !busy {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// The pods that own a created or running ephemeral container (the ones
@@ -481,6 +518,7 @@ impl Agent {
                 false
             }
             PlanAction::Resume { name, id } => {
+                let _starting = InFlight::new(&self.starts_in_flight);
                 tracing::info!(container = %name, %id, "created but never started (its creator stopped half-way); starting it");
                 let result = match self.runtime.start_container(&id).await {
                     Ok(()) => {
@@ -524,6 +562,7 @@ impl Agent {
                 self.after_start(pod, uid, &name, "", result)
             }
             PlanAction::Start { name, target_id } => {
+                let _starting = InFlight::new(&self.starts_in_flight);
                 let Some(c) = pod
                     .spec
                     .as_ref()
