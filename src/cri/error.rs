@@ -115,11 +115,15 @@ impl CriError {
         self.code() == Some(Code::Unimplemented)
     }
 
-    /// containerd refuses to start a container whose start another caller
-    /// began and has not finished (or aborted) yet.
-    pub fn is_start_in_progress(&self) -> bool {
+    /// containerd refuses to start a container that another caller's start
+    /// got to first: under way (`already in starting state`) or already
+    /// settled since the caller looked (`container is in CONTAINER_RUNNING
+    /// state`, `… CONTAINER_EXITED …`, an aborted start).
+    pub fn is_started_elsewhere(&self) -> bool {
         matches!(self, CriError::Status { message, .. }
-            if message.contains("already in starting state"))
+            if message.contains("already in starting state")
+                || message.contains("container is in CONTAINER_RUNNING state")
+                || message.contains("container is in CONTAINER_EXITED state"))
     }
 
     /// containerd and CRI-O refuse a second container with the same
@@ -178,14 +182,20 @@ mod tests {
     }
 
     #[test]
-    fn start_in_progress_is_recognised() {
-        let e = status(
-            Code::Unknown,
-            r#"failed to set starting state for container "abc": container is already in starting state"#,
-        );
-        assert!(e.is_start_in_progress());
-        assert!(!e.is_name_reserved());
-        assert!(!status(Code::Unknown, "other").is_start_in_progress());
+    fn start_by_someone_else_is_recognised() {
+        for tail in [
+            "container is already in starting state",
+            "container is in CONTAINER_EXITED state",
+            "container is in CONTAINER_RUNNING state",
+        ] {
+            let e = status(
+                Code::Unknown,
+                &format!(r#"failed to set starting state for container "abc": {tail}"#),
+            );
+            assert!(e.is_started_elsewhere(), "{tail}");
+            assert!(!e.is_name_reserved());
+        }
+        assert!(!status(Code::Unknown, "other").is_started_elsewhere());
     }
 
     #[test]

@@ -531,12 +531,12 @@ impl Agent {
                         ));
                         Ok(Started::Adopted { id })
                     }
-                    Err(e) if e.is_start_in_progress() => {
-                        // The creator's own StartContainer is still under
-                        // way in the runtime (containerd finishes or aborts
-                        // it even when the caller died): not a failure;
-                        // look again once it is settled.
-                        tracing::info!(container = %name, %id, "its creator's start is still under way in the runtime; looking again shortly");
+                    Err(e) if e.is_started_elsewhere() => {
+                        // The creator's own StartContainer got there first:
+                        // still under way in the runtime (containerd finishes
+                        // or aborts it even when the caller died) or settled
+                        // since we looked. Not a failure: look again.
+                        tracing::info!(container = %name, %id, error = %e.message(), "its creator's start got there first; looking again shortly");
                         lock(&self.memory)
                             .entry(uid.to_string())
                             .or_default()
