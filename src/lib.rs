@@ -6,6 +6,9 @@
 //! → [`reconcile::observe`] → [`reconcile::plan`] → [`reconcile::execute`]
 //! → [`reconcile::status`] → `pods/status` and Events ([`k8s`]). Exit events
 //! ([`events`]) requeue a pod at once; a periodic resync is the safety net.
+//! Pod changes that a pass does not read (labels, annotations, conditions)
+//! trigger nothing ([`reconcile::agent::trigger_fingerprint`]); a failed
+//! pass is retried with per-pod backoff ([`reconcile::agent::Agent::retry_delay`]).
 
 pub mod backoff;
 pub mod config;

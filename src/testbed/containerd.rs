@@ -33,6 +33,9 @@
 //!   idempotent, so a teardown that was interrupted can be run again, and a
 //!   testbed whose owning process died is reaped by the next
 //!   [`Containerd::start`] in the same parent directory.
+//! - [`Containerd::stop_daemon`] and [`Containerd::start_daemon`] stop and
+//!   restart containerd alone on the same directory and socket (a node's
+//!   containerd restarting): shims, containers and state stay.
 //! - A testbed started with [`Containerd::start`] is torn down when dropped
 //!   (best effort, never panics) unless [`Containerd::teardown`] ran; one
 //!   started with [`Containerd::start_detached`] or found by

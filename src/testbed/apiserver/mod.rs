@@ -32,6 +32,12 @@
 //! * errors are `Status` objects with kube-apiserver's messages, always with
 //!   `details`; Table output for `kubectl get`.
 //!
+//! Faults for tests: [`LocalApiServer::restart`] (every connection and
+//! watch breaks), [`LocalApiServer::stop_serving`] /
+//! [`LocalApiServer::serve_again`] (unreachable for a while: connections
+//! refused), [`LocalApiServer::compact`] (410 on resume) and
+//! [`LocalApiServer::conflict_next_status_writes`] (409 Conflict).
+//!
 //! Left out: authentication and authorization, admission (no service
 //! account token volume, no default tolerations), graceful pod deletion
 //! (DELETE removes the pod at once, as with `--grace-period=0`), watches of
