@@ -7,8 +7,8 @@
 //! executes, computes the status (pure) and writes it if it changed. Running
 //! it again at any time converges to the same state.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -207,24 +207,26 @@ pub struct Agent {
     /// Pods whose last pass failed (runtime or API server unreachable, a
     /// status write refused), with the delay before the next try.
     retries: Mutex<HashMap<String, Backoff>>,
-    /// Starts under way: their containers' exits may arrive before the
-    /// start returns and [`owner_of`](Self::owner_of) knows them.
-    starts_in_flight: AtomicUsize,
+    /// Starts under way, by ticket: their containers' exits may arrive
+    /// before the start returns and [`owner_of`](Self::owner_of) knows them.
+    starts_in_flight: Mutex<BTreeSet<u64>>,
+    next_start: AtomicU64,
 }
 
-/// Counts one start under way while it lives.
-struct InFlight<'a>(&'a AtomicUsize);
+/// Holds one start's ticket in [`Agent::starts_in_flight`] while it lives.
+struct InFlight<'a>(&'a Agent, u64);
 
 impl<'a> InFlight<'a> {
-    fn new(counter: &'a AtomicUsize) -> Self {
-        counter.fetch_add(1, Ordering::SeqCst);
-        InFlight(counter)
+    fn new(agent: &'a Agent) -> Self {
+        let ticket = agent.next_start.fetch_add(1, Ordering::SeqCst);
+        lock(&agent.starts_in_flight).insert(ticket);
+        InFlight(agent, ticket)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        lock(&self.0.starts_in_flight).remove(&self.1);
     }
 }
 
@@ -257,7 +259,8 @@ impl Agent {
             memory: Mutex::default(),
             exits: Mutex::default(),
             retries: Mutex::default(),
-            starts_in_flight: AtomicUsize::new(0),
+            starts_in_flight: Mutex::default(),
+            next_start: AtomicU64::new(0),
         }
     }
 
@@ -269,16 +272,21 @@ impl Agent {
 
     /// The pod that owns a runtime container whose exit was just reported:
     /// like [`owner_of`](Self::owner_of), but a container that exits at
-    /// once may report its exit before its start returned, so while starts
-    /// are under way this waits for them (an unknown id is someone else's).
+    /// once may report its exit before its start returned, so this waits
+    /// for the starts under way when the exit arrived (an id still unknown
+    /// then is someone else's).
     pub async fn owner_of_exited(&self, container_id: &str) -> Option<ObjectRef<Pod>> {
+        let pending = lock(&self.starts_in_flight).clone();
         loop {
-            let busy = self.starts_in_flight.load(Ordering::SeqCst) > 0;
             if let Some(pod) = self.owner_of(container_id) {
                 return Some(pod);
             }
+            let busy = {
+                let now = lock(&self.starts_in_flight);
+                pending.iter().any(|t| now.contains(t))
+            };
             if !busy {
-                return None;
+                return self.owner_of(container_id);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -518,7 +526,7 @@ impl Agent {
                 false
             }
             PlanAction::Resume { name, id } => {
-                let _starting = InFlight::new(&self.starts_in_flight);
+                let _starting = InFlight::new(self);
                 tracing::info!(container = %name, %id, "created but never started (its creator stopped half-way); starting it");
                 let result = match self.runtime.start_container(&id).await {
                     Ok(()) => {
@@ -562,7 +570,7 @@ impl Agent {
                 self.after_start(pod, uid, &name, "", result)
             }
             PlanAction::Start { name, target_id } => {
-                let _starting = InFlight::new(&self.starts_in_flight);
+                let _starting = InFlight::new(self);
                 let Some(c) = pod
                     .spec
                     .as_ref()
