@@ -935,6 +935,7 @@ pub fn trigger_fingerprint(pod: &Pod) -> Option<u64> {
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     let inputs = serde_json::json!([
+        &pod.metadata.uid,
         spec.map(|s| &s.ephemeral_containers),
         spec.map(|s| &s.node_name),
         status.map(|s| &s.ephemeral_container_statuses),
