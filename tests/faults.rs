@@ -422,7 +422,7 @@ async fn agent_sigkilled_at_random_points_of_bursts_starts_each_container_exactl
     println!(
         "FAULTS_SEED={seed} kill delays (ms): {kill_ms:?}; {} containers in {} pods; \
          starts aborted by a kill: {}; created-only containers started by the next agent: {resumed}; \
-         of those, starts the runtime refused: {refused:?}",
+         starts the runtime refused: {refused:?}",
         names.len() * PODS.len(),
         PODS.len(),
         aborted.len()
