@@ -344,9 +344,8 @@ impl Agent {
 
     /// When to try a pod again whose pass failed: the stream policy
     /// (jittered, 0.8 s doubling to 30 s) per pod, so an unreachable runtime
-    /// or API server is not hammered; a pass that finishes resets it. A new
-    /// event for the pod (the watch coming back relists every pod) runs a
-    /// pass sooner.
+    /// or API server is not hammered; a pass that finishes resets it. A
+    /// change to the pod that a pass reads runs one sooner.
     pub fn retry_delay(&self, pod: &Pod) -> Duration {
         lock(&self.retries)
             .entry(kubelet::uid(pod).to_string())
