@@ -528,6 +528,7 @@ async fn exit_events_arrive_from_containerd() {
             runtime: bed.cri.clone(),
             containerd_socket: Some(bed.containerd.socket().to_path_buf()),
             namespace: "k8s.io".into(),
+            opened: None,
         },
         tx,
         cancel.clone(),
