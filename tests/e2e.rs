@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{app_pod, debug_container};
+use common::{app_pod, debug_container, host_pid};
 use ephemerald::cri::Runtime;
 use ephemerald::cri::proto::ContainerFilter;
 use ephemerald::kubelet;
@@ -643,5 +643,122 @@ async fn kubectl_debug_custom_reads_the_apps_empty_dir_with_env_from_the_api() {
         "log: {log}"
     );
     assert_eq!(log.trim(), "written-by-the-app\nlevel=debug token=t0ken");
+    stack.teardown().await.unwrap();
+}
+
+/// One line of `/proc/PID/status`, e.g. `CapEff` → `000001ffffffffff`.
+fn proc_status(pid: u32, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("{key} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+fn cap_bits(hex: &str) -> u64 {
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+/// `kubectl debug --profile=…` as users run it: each profile's security
+/// context reaches the runtime the way the kubelet would send it. Measured
+/// on the running processes: `baseline` gets the runtime's default
+/// capabilities; `general` adds SYS_PTRACE; `netadmin` adds NET_ADMIN and
+/// NET_RAW; `sysadmin` is privileged (every capability this node grants);
+/// `restricted` on a root image is the kubelet's runAsNonRoot refusal, and
+/// with a non-root user it runs with no capabilities, no_new_privs and the
+/// runtime's default seccomp filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_debug_profiles_reach_the_runtime_like_the_kubelets() {
+    const SYS_PTRACE: u64 = 1 << 19;
+    const NET_ADMIN: u64 = 1 << 12;
+    const NET_RAW: u64 = 1 << 13;
+
+    let stack = stack("e2e-profiles").await;
+    let _agent = AgentProc::start(&stack, "5s");
+    stack.run_pod(app_pod("web")).await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let non_root = home.path().join("non-root.json");
+    std::fs::write(&non_root, r#"{"securityContext":{"runAsUser":1000}}"#).unwrap();
+    let image = format!("--image={}", ephemerald::testbed::images::BUSYBOX_IMAGE);
+    let debug = |name: &str, profile: &str, extra: &[&str]| {
+        let mut args = vec![
+            "debug",
+            "web",
+            &image,
+            "--image-pull-policy=Never",
+            "--target=app",
+            "-c",
+            name,
+        ];
+        let profile = format!("--profile={profile}");
+        args.push(&profile);
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sleep", "60"]);
+        run_kubectl(&stack, home.path(), &args);
+    };
+    debug("baseline", "baseline", &[]);
+    debug("general", "general", &[]);
+    debug("netadmin", "netadmin", &[]);
+    debug("sysadmin", "sysadmin", &[]);
+    debug("restricted-root", "restricted", &[]);
+    let custom = format!("--custom={}", non_root.display());
+    debug("restricted", "restricted", &[&custom]);
+
+    let mut pids = std::collections::BTreeMap::new();
+    for name in ["baseline", "general", "netadmin", "sysadmin", "restricted"] {
+        let st = wait_running(&stack, name).await;
+        let id = st.container_id.unwrap();
+        let pid = host_pid(stack.cri.as_ref(), id.trim_start_matches("containerd://")).await;
+        pids.insert(name, pid);
+    }
+    let caps = |name: &str| cap_bits(&proc_status(pids[name], "CapEff"));
+    let base = caps("baseline");
+    assert_ne!(base, 0);
+    assert_eq!(base & SYS_PTRACE, 0, "no SYS_PTRACE by default");
+    assert_eq!(caps("general"), base | SYS_PTRACE);
+    assert_eq!(caps("netadmin"), base | NET_ADMIN | NET_RAW);
+    let node_caps = cap_bits(&proc_status(std::process::id(), "CapBnd"));
+    assert_eq!(caps("sysadmin"), node_caps, "privileged: every capability");
+    assert_eq!(caps("restricted"), 0, "drop ALL");
+    assert_eq!(proc_status(pids["restricted"], "NoNewPrivs"), "1");
+    assert_eq!(
+        proc_status(pids["restricted"], "Seccomp"),
+        "2",
+        "filter mode"
+    );
+    assert_eq!(
+        proc_status(pids["restricted"], "Uid")
+            .split_whitespace()
+            .next(),
+        Some("1000")
+    );
+    assert_eq!(
+        proc_status(pids["baseline"], "Seccomp"),
+        "0",
+        "Unconfined, as the kubelet defaults"
+    );
+
+    let (reason, message) = stack
+        .wait_pod("default", "web", "restricted-root refused", WAIT, |p| {
+            let w = status_of(p, "restricted-root")?.state?.waiting?;
+            (w.reason.as_deref() == Some("CreateContainerConfigError"))
+                .then(|| (w.reason.unwrap_or_default(), w.message.unwrap_or_default()))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: {:?}",
+                stack
+                    .api
+                    .pod("default", "web")
+                    .and_then(|p| status_of(&p, "restricted-root"))
+            )
+        });
+    assert_eq!(reason, "CreateContainerConfigError");
+    assert!(
+        message.starts_with("container has runAsNonRoot and image will run as root"),
+        "{message}"
+    );
     stack.teardown().await.unwrap();
 }
