@@ -5,108 +5,19 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{app_pod, debug_container, host_pid};
+use common::{
+    AgentProc, app_pod, debug_container, host_pid, running, runtime_ids, stack, status_of,
+    terminated,
+};
 use ephemerald::cri::Runtime;
-use ephemerald::cri::proto::ContainerFilter;
 use ephemerald::kubelet;
-use ephemerald::testbed::containerd::ContainerdOpts;
 use ephemerald::testbed::stack::Stack;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The agent binary, killed (SIGKILL) on drop.
-struct AgentProc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl AgentProc {
-    fn start(stack: &Stack, resync: &str) -> AgentProc {
-        let log = stack.containerd.dir().join(format!(
-            "agent-{}.log",
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        let child = Command::new(env!("CARGO_BIN_EXE_ephemerald"))
-            .args(stack.agent_args("start", resync))
-            .env("RUST_LOG", "info,ephemerald=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("agent binary starts");
-        AgentProc { child, log }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn stack(prefix: &str) -> Stack {
-    Stack::start(ContainerdOpts::unique(prefix), "node-e2e")
-        .await
-        .unwrap_or_else(|e| {
-            panic!("testbed did not start (run scripts/install-deps.sh as root): {e}")
-        })
-}
-
-fn status_of(pod: &Pod, name: &str) -> Option<ContainerStatus> {
-    pod.status
-        .as_ref()?
-        .ephemeral_container_statuses
-        .as_ref()?
-        .iter()
-        .find(|s| s.name == name)
-        .cloned()
-}
-
-fn running(pod: &Pod, name: &str) -> Option<ContainerStatus> {
-    status_of(pod, name).filter(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
-}
-
-fn terminated(pod: &Pod, name: &str) -> Option<ContainerStatus> {
-    status_of(pod, name).filter(|s| s.state.as_ref().is_some_and(|st| st.terminated.is_some()))
-}
-
-/// Runtime containers of the pod with this container name.
-async fn runtime_containers(stack: &Stack, pod: &Pod, name: &str) -> Vec<String> {
-    stack
-        .cri
-        .list_containers(Some(ContainerFilter {
-            label_selector: [
-                (
-                    kubelet::POD_UID_LABEL.to_string(),
-                    kubelet::uid(pod).to_string(),
-                ),
-                (kubelet::CONTAINER_NAME_LABEL.to_string(), name.to_string()),
-            ]
-            .into_iter()
-            .collect(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| c.id)
-        .collect()
-}
 
 /// Appends a busybox debug container to pod `web`, as `kubectl debug` does.
 async fn add(stack: &Stack, name: &str, target: Option<&str>, script: &str) {
@@ -145,7 +56,7 @@ async fn appended_container_runs_with_id_and_start_time_and_sees_the_target() {
     assert!(st.state.unwrap().running.unwrap().started_at.is_some());
     assert!(!st.ready);
     assert_eq!(
-        runtime_containers(&stack, &pod, "dbg").await,
+        runtime_ids(stack.cri.as_ref(), &pod, "dbg").await,
         [id.trim_start_matches("containerd://")]
     );
     let deadline = Instant::now() + WAIT;
@@ -224,7 +135,7 @@ async fn exit_3_is_terminated_within_a_second_and_never_restarted() {
     // Several resync periods later the runtime still holds exactly that one.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(
-        runtime_containers(&stack, &pod, "dbg").await,
+        runtime_ids(stack.cri.as_ref(), &pod, "dbg").await,
         std::slice::from_ref(&id)
     );
     let final_pod = stack.api.pod("default", "web").unwrap();
@@ -266,7 +177,10 @@ async fn agent_killed_after_create_and_restarted_makes_no_duplicate() {
     add(&stack, "dbg", Some("app"), "sleep 60").await;
     // SIGKILL as soon as the runtime holds the container.
     let deadline = Instant::now() + WAIT;
-    while runtime_containers(&stack, &pod, "dbg").await.is_empty() {
+    while runtime_ids(stack.cri.as_ref(), &pod, "dbg")
+        .await
+        .is_empty()
+    {
         assert!(
             Instant::now() < deadline,
             "never created; agent log:\n{}",
@@ -275,7 +189,7 @@ async fn agent_killed_after_create_and_restarted_makes_no_duplicate() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     agent.kill();
-    let before = runtime_containers(&stack, &pod, "dbg").await;
+    let before = runtime_ids(stack.cri.as_ref(), &pod, "dbg").await;
 
     // Depending on where the kill landed the runtime holds it created,
     // running, or exited (containerd aborts a start whose caller vanished:
@@ -321,7 +235,7 @@ async fn agent_killed_after_create_and_restarted_makes_no_duplicate() {
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
-        runtime_containers(&stack, &pod, "dbg").await,
+        runtime_ids(stack.cri.as_ref(), &pod, "dbg").await,
         before,
         "no duplicate"
     );
@@ -378,7 +292,7 @@ async fn created_but_never_started_container_is_started_not_duplicated() {
         st.container_id.as_deref(),
         Some(format!("containerd://{id}").as_str())
     );
-    assert_eq!(runtime_containers(&stack, &pod, "dbg").await, [id]);
+    assert_eq!(runtime_ids(stack.cri.as_ref(), &pod, "dbg").await, [id]);
     assert!(agent.log().contains("created but never started"));
     stack.teardown().await.unwrap();
 }

@@ -9,120 +9,25 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{app_pod, debug_container};
+use common::{
+    AgentProc, app_pod, debug_container, running, runtime_containers, stack, status_of, terminated,
+};
 use ephemerald::config::Mode;
 use ephemerald::cri::proto::{self, ContainerFilter, ContainerState};
 use ephemerald::cri::{CriClient, CriError, Runtime};
 use ephemerald::kubelet;
-use ephemerald::testbed::containerd::ContainerdOpts;
 use ephemerald::testbed::stack::Stack;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use rand::{Rng, SeedableRng};
 
 const WAIT: Duration = Duration::from_secs(40);
-
-/// The agent binary with JSON logs, killed (SIGKILL) on drop.
-struct AgentProc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl AgentProc {
-    fn start(stack: &Stack, resync: &str) -> AgentProc {
-        let log = stack.containerd.dir().join(format!(
-            "agent-{}.log",
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        let child = Command::new(env!("CARGO_BIN_EXE_ephemerald"))
-            .args(stack.agent_args("start", resync))
-            .env("RUST_LOG", "info,ephemerald=debug")
-            .env("EPHEMERALD_LOG_FORMAT", "json")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("agent binary starts");
-        AgentProc { child, log }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The `fields` of every log line whose message is `message`.
-    fn lines(&self, message: &str) -> Vec<serde_json::Value> {
-        self.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["fields"]["message"] == message)
-            .map(|v| v["fields"].clone())
-            .collect()
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn stack(prefix: &str) -> Stack {
-    Stack::start(ContainerdOpts::unique(prefix), "node-faults")
-        .await
-        .unwrap_or_else(|e| {
-            panic!("testbed did not start (run scripts/install-deps.sh as root): {e}")
-        })
-}
-
-fn status_of(pod: &Pod, name: &str) -> Option<ContainerStatus> {
-    pod.status
-        .as_ref()?
-        .ephemeral_container_statuses
-        .as_ref()?
-        .iter()
-        .find(|s| s.name == name)
-        .cloned()
-}
-
-fn running(pod: &Pod, name: &str) -> Option<ContainerStatus> {
-    status_of(pod, name).filter(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
-}
-
-fn terminated(pod: &Pod, name: &str) -> Option<ContainerStatus> {
-    status_of(pod, name).filter(|s| s.state.as_ref().is_some_and(|st| st.terminated.is_some()))
-}
-
-/// The runtime's containers of pod `uid` named `name` (any state).
-async fn runtime_containers(stack: &Stack, uid: &str, name: &str) -> Vec<proto::Container> {
-    stack
-        .cri
-        .list_containers(Some(ContainerFilter {
-            label_selector: [
-                (kubelet::POD_UID_LABEL.to_string(), uid.to_string()),
-                (kubelet::CONTAINER_NAME_LABEL.to_string(), name.to_string()),
-            ]
-            .into_iter()
-            .collect(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-}
 
 async fn add(stack: &Stack, pod: &str, name: &str, target: Option<&str>, script: &str) {
     stack
@@ -177,7 +82,7 @@ fn events_of(stack: &Stack, name: &str) -> Vec<(String, String)> {
 /// The API status of `name` agrees with the runtime's only container of
 /// that name: running and RUNNING, or terminated with its exit code.
 async fn assert_converged(stack: &Stack, pod: &Pod, name: &str) {
-    let found = runtime_containers(stack, kubelet::uid(pod), name).await;
+    let found = runtime_containers(stack.cri.as_ref(), kubelet::uid(pod), name).await;
     assert_eq!(
         found.len(),
         1,
@@ -305,7 +210,7 @@ async fn containerd_restart_reconnects_with_backoff_and_starts_what_was_appended
     assert_converged(&stack, &done, "before").await;
     assert_eq!(status_of(&done, "before").unwrap(), before);
     assert_eq!(
-        runtime_containers(&stack, kubelet::uid(&pod), "before")
+        runtime_containers(stack.cri.as_ref(), kubelet::uid(&pod), "before")
             .await
             .len(),
         1
@@ -431,7 +336,7 @@ async fn agent_sigkilled_at_random_points_of_bursts_starts_each_container_exactl
     for pod in &pods {
         for (name, _) in &names {
             assert_eq!(
-                runtime_containers(&stack, kubelet::uid(pod), name)
+                runtime_containers(stack.cri.as_ref(), kubelet::uid(pod), name)
                     .await
                     .len(),
                 1,
@@ -503,14 +408,14 @@ async fn api_server_unreachable_status_and_events_are_retried_and_nothing_is_los
     assert!(out.status.success(), "{out:?}");
     let uid = kubelet::uid(&pod).to_string();
     until("late running in the runtime", &agent, async || {
-        runtime_containers(&stack, &uid, "late")
+        runtime_containers(stack.cri.as_ref(), &uid, "late")
             .await
             .iter()
             .any(|c| c.state == ContainerState::ContainerRunning as i32)
     })
     .await;
     until("waiter exited in the runtime", &agent, async || {
-        runtime_containers(&stack, &uid, "waiter")
+        runtime_containers(stack.cri.as_ref(), &uid, "waiter")
             .await
             .iter()
             .any(|c| c.state == ContainerState::ContainerExited as i32)
@@ -598,7 +503,7 @@ async fn conflicting_status_writes_are_retried_from_fresh_state() {
         "{retries:?}"
     );
     assert_eq!(
-        runtime_containers(&stack, kubelet::uid(&pod), "one")
+        runtime_containers(stack.cri.as_ref(), kubelet::uid(&pod), "one")
             .await
             .len(),
         1
