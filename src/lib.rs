@@ -6,6 +6,9 @@
 //! → [`reconcile::observe`] → [`reconcile::plan`] → [`reconcile::execute`]
 //! → [`reconcile::status`] → `pods/status` and Events ([`k8s`]). Exit events
 //! ([`events`]) requeue a pod at once; a periodic resync is the safety net.
+//! Pod changes that a pass does not read (labels, annotations, conditions)
+//! trigger nothing ([`reconcile::agent::trigger_fingerprint`]); a failed
+//! pass is retried with per-pod backoff ([`reconcile::agent::Agent::retry_delay`]).
 
 pub mod backoff;
 pub mod config;
@@ -24,7 +27,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -98,11 +101,24 @@ pub async fn run_with_client(
     shutdown: CancellationToken,
     started: impl FnOnce(Handles),
 ) -> Result<(), Error> {
-    let metrics = Arc::new(Metrics::default());
-    let health = Arc::new(Mutex::new(Health::default()));
     let runtime: Arc<dyn Runtime> = Arc::new(
         CriClient::new(&config.cri_endpoint)?.with_timeout(config.runtime_request_timeout),
     );
+    run_with_runtime(config, client, runtime, shutdown, started).await
+}
+
+/// [`run_with_client`] with a given runtime (tests wrap the real CRI client
+/// to count or delay its calls). Exit events still come from
+/// `config.containerd_socket` and from `runtime`.
+pub async fn run_with_runtime(
+    config: Config,
+    client: kube::Client,
+    runtime: Arc<dyn Runtime>,
+    shutdown: CancellationToken,
+    started: impl FnOnce(Handles),
+) -> Result<(), Error> {
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Mutex::new(Health::default()));
     let runtime_name = wait_for_runtime(runtime.as_ref(), &health, &shutdown).await;
     let cluster: Arc<dyn Cluster> = Arc::new(KubeCluster::new(client.clone()));
 
@@ -178,28 +194,50 @@ pub async fn run_with_client(
 
     // Exit events → the owning pod's ObjectRef → an immediate reconcile.
     let (exit_tx, mut exit_rx) = mpsc::channel(256);
+    let (opened_tx, mut opened_rx) = mpsc::channel(4);
     tasks.spawn(events::run(
         events::Sources {
             runtime: runtime.clone(),
             containerd_socket: config.containerd_socket.clone(),
             namespace: config.containerd_namespace.clone(),
+            opened: Some(opened_tx),
         },
         exit_tx,
         shutdown.clone(),
     ));
     let (requeue_tx, requeue_rx) = mpsc::channel(256);
+    // A (re)opened exit stream may have missed exits: re-check every pod
+    // with a live ephemeral container.
+    let (opened_agent, opened_requeue) = (agent.clone(), requeue_tx.clone());
+    tasks.spawn(async move {
+        while let Some(source) = opened_rx.recv().await {
+            let pods = opened_agent.live_owners();
+            tracing::debug!(
+                ?source,
+                pods = pods.len(),
+                "exit events (re)opened; re-checking"
+            );
+            for pod in pods {
+                let _ = opened_requeue.send(pod).await;
+            }
+        }
+    });
     let owner_agent = agent.clone();
     let exit_runtime = runtime.clone();
     tasks.spawn(async move {
         while let Some(exit) = exit_rx.recv().await {
-            let Some(pod) = owner_agent.owner_of(&exit.container_id) else {
-                continue;
-            };
-            tracing::debug!(container_id = %exit.container_id, pod = %pod, "exit event");
             // containerd's CRI records the exit from the same event a moment
             // later; requeue once the CRI shows it, so the pass sees it.
-            let (rt, tx) = (exit_runtime.clone(), requeue_tx.clone());
+            let (rt, tx, agent) = (
+                exit_runtime.clone(),
+                requeue_tx.clone(),
+                owner_agent.clone(),
+            );
             tokio::spawn(async move {
+                let Some(pod) = agent.owner_of_exited(&exit.container_id).await else {
+                    return;
+                };
+                tracing::debug!(container_id = %exit.container_id, pod = %pod, "exit event");
                 wait_until_exited(rt.as_ref(), &exit.container_id).await;
                 let _ = tx.send(pod).await;
             });
@@ -208,7 +246,13 @@ pub async fn run_with_client(
 
     let pods: kube::Api<Pod> = kube::Api::all(client);
     let selector = format!("spec.nodeName={}", config.node_name);
-    let controller = Controller::new(pods, watcher::Config::default().fields(&selector))
+    let (store, writer) = reflector::store();
+    // Every pod change updates the cache; only changes a pass reads trigger one.
+    let triggers = watcher(pods, watcher::Config::default().fields(&selector))
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(reconcile::agent::trigger_fingerprint, Default::default());
+    let controller = Controller::for_stream(triggers, store)
         .with_config(controller::Config::default().concurrency(32))
         .reconcile_on(ReceiverStream::new(requeue_rx))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
@@ -251,9 +295,15 @@ pub async fn run_with_client(
         }
     });
 
-    let error_policy = |_pod: Arc<Pod>, err: &ReconcileError, _agent: Arc<Agent>| {
-        tracing::warn!(error = %err, "reconcile failed; retrying");
-        Action::requeue(Duration::from_secs(2))
+    let error_policy = |pod: Arc<Pod>, err: &ReconcileError, agent: Arc<Agent>| {
+        let delay = agent.retry_delay(&pod);
+        tracing::warn!(
+            pod = %format!("{}/{}", kubelet::namespace(&pod), kubelet::name(&pod)),
+            error = %err,
+            retry_in_ms = delay.as_millis() as u64,
+            "reconcile failed; retrying"
+        );
+        Action::requeue(delay)
     };
     controller
         .run(

@@ -59,25 +59,6 @@ fn log_path(bed: &Bed, pod: &Pod, name: &str) -> std::path::PathBuf {
     kubelet::container_log_dir(&bed.dirs.pod_logs, pod, name).join("0.log")
 }
 
-/// Runtime ids of the pod's containers named `name`.
-async fn containers_named(bed: &Bed, pod: &Pod, name: &str) -> Vec<String> {
-    bed.cri
-        .list_containers(Some(ContainerFilter {
-            label_selector: [
-                (kubelet::POD_UID_LABEL.into(), kubelet::uid(pod).into()),
-                (kubelet::CONTAINER_NAME_LABEL.into(), name.into()),
-            ]
-            .into_iter()
-            .collect(),
-            ..Default::default()
-        }))
-        .await
-        .expect("ListContainers")
-        .into_iter()
-        .map(|c| c.id)
-        .collect()
-}
-
 /// Another creator (a kubelet) won the race: it created the container after
 /// the agent looked at the runtime and before the agent's CreateContainer.
 /// Whether it has only created it (containerd then refuses the agent's
@@ -145,7 +126,7 @@ async fn another_creators_container_is_adopted_whether_created_or_started() {
             other => panic!("expected adoption of {theirs}, got {other:?}"),
         }
         assert_eq!(
-            containers_named(&bed, &pod, "dbg").await,
+            runtime_ids(bed.cri.as_ref(), &pod, "dbg").await,
             [theirs],
             "exactly one container (started: {also_started})"
         );
@@ -528,6 +509,7 @@ async fn exit_events_arrive_from_containerd() {
             runtime: bed.cri.clone(),
             containerd_socket: Some(bed.containerd.socket().to_path_buf()),
             namespace: "k8s.io".into(),
+            opened: None,
         },
         tx,
         cancel.clone(),

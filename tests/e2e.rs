@@ -5,108 +5,19 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{app_pod, debug_container};
+use common::{
+    AgentProc, app_pod, debug_container, host_pid, running, runtime_ids, stack, status_of,
+    terminated,
+};
 use ephemerald::cri::Runtime;
-use ephemerald::cri::proto::ContainerFilter;
 use ephemerald::kubelet;
-use ephemerald::testbed::containerd::ContainerdOpts;
 use ephemerald::testbed::stack::Stack;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The agent binary, killed (SIGKILL) on drop.
-struct AgentProc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl AgentProc {
-    fn start(stack: &Stack, resync: &str) -> AgentProc {
-        let log = stack.containerd.dir().join(format!(
-            "agent-{}.log",
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        let child = Command::new(env!("CARGO_BIN_EXE_ephemerald"))
-            .args(stack.agent_args("start", resync))
-            .env("RUST_LOG", "info,ephemerald=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("agent binary starts");
-        AgentProc { child, log }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn stack(prefix: &str) -> Stack {
-    Stack::start(ContainerdOpts::unique(prefix), "node-e2e")
-        .await
-        .unwrap_or_else(|e| {
-            panic!("testbed did not start (run scripts/install-deps.sh as root): {e}")
-        })
-}
-
-fn status_of(pod: &Pod, name: &str) -> Option<ContainerStatus> {
-    pod.status
-        .as_ref()?
-        .ephemeral_container_statuses
-        .as_ref()?
-        .iter()
-        .find(|s| s.name == name)
-        .cloned()
-}
-
-fn running(pod: &Pod, name: &str) -> Option<ContainerStatus> {
-    status_of(pod, name).filter(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
-}
-
-fn terminated(pod: &Pod, name: &str) -> Option<ContainerStatus> {
-    status_of(pod, name).filter(|s| s.state.as_ref().is_some_and(|st| st.terminated.is_some()))
-}
-
-/// Runtime containers of the pod with this container name.
-async fn runtime_containers(stack: &Stack, pod: &Pod, name: &str) -> Vec<String> {
-    stack
-        .cri
-        .list_containers(Some(ContainerFilter {
-            label_selector: [
-                (
-                    kubelet::POD_UID_LABEL.to_string(),
-                    kubelet::uid(pod).to_string(),
-                ),
-                (kubelet::CONTAINER_NAME_LABEL.to_string(), name.to_string()),
-            ]
-            .into_iter()
-            .collect(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| c.id)
-        .collect()
-}
 
 /// Appends a busybox debug container to pod `web`, as `kubectl debug` does.
 async fn add(stack: &Stack, name: &str, target: Option<&str>, script: &str) {
@@ -145,7 +56,7 @@ async fn appended_container_runs_with_id_and_start_time_and_sees_the_target() {
     assert!(st.state.unwrap().running.unwrap().started_at.is_some());
     assert!(!st.ready);
     assert_eq!(
-        runtime_containers(&stack, &pod, "dbg").await,
+        runtime_ids(stack.cri.as_ref(), &pod, "dbg").await,
         [id.trim_start_matches("containerd://")]
     );
     let deadline = Instant::now() + WAIT;
@@ -224,7 +135,7 @@ async fn exit_3_is_terminated_within_a_second_and_never_restarted() {
     // Several resync periods later the runtime still holds exactly that one.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(
-        runtime_containers(&stack, &pod, "dbg").await,
+        runtime_ids(stack.cri.as_ref(), &pod, "dbg").await,
         std::slice::from_ref(&id)
     );
     let final_pod = stack.api.pod("default", "web").unwrap();
@@ -266,7 +177,10 @@ async fn agent_killed_after_create_and_restarted_makes_no_duplicate() {
     add(&stack, "dbg", Some("app"), "sleep 60").await;
     // SIGKILL as soon as the runtime holds the container.
     let deadline = Instant::now() + WAIT;
-    while runtime_containers(&stack, &pod, "dbg").await.is_empty() {
+    while runtime_ids(stack.cri.as_ref(), &pod, "dbg")
+        .await
+        .is_empty()
+    {
         assert!(
             Instant::now() < deadline,
             "never created; agent log:\n{}",
@@ -275,7 +189,7 @@ async fn agent_killed_after_create_and_restarted_makes_no_duplicate() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     agent.kill();
-    let before = runtime_containers(&stack, &pod, "dbg").await;
+    let before = runtime_ids(stack.cri.as_ref(), &pod, "dbg").await;
 
     // Depending on where the kill landed the runtime holds it created,
     // running, or exited (containerd aborts a start whose caller vanished:
@@ -321,7 +235,7 @@ async fn agent_killed_after_create_and_restarted_makes_no_duplicate() {
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
-        runtime_containers(&stack, &pod, "dbg").await,
+        runtime_ids(stack.cri.as_ref(), &pod, "dbg").await,
         before,
         "no duplicate"
     );
@@ -378,7 +292,7 @@ async fn created_but_never_started_container_is_started_not_duplicated() {
         st.container_id.as_deref(),
         Some(format!("containerd://{id}").as_str())
     );
-    assert_eq!(runtime_containers(&stack, &pod, "dbg").await, [id]);
+    assert_eq!(runtime_ids(stack.cri.as_ref(), &pod, "dbg").await, [id]);
     assert!(agent.log().contains("created but never started"));
     stack.teardown().await.unwrap();
 }
@@ -643,5 +557,122 @@ async fn kubectl_debug_custom_reads_the_apps_empty_dir_with_env_from_the_api() {
         "log: {log}"
     );
     assert_eq!(log.trim(), "written-by-the-app\nlevel=debug token=t0ken");
+    stack.teardown().await.unwrap();
+}
+
+/// One line of `/proc/PID/status`, e.g. `CapEff` → `000001ffffffffff`.
+fn proc_status(pid: u32, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("{key} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+fn cap_bits(hex: &str) -> u64 {
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+/// `kubectl debug --profile=…` as users run it: each profile's security
+/// context reaches the runtime the way the kubelet would send it. Measured
+/// on the running processes: `baseline` gets the runtime's default
+/// capabilities; `general` adds SYS_PTRACE; `netadmin` adds NET_ADMIN and
+/// NET_RAW; `sysadmin` is privileged (every capability this node grants);
+/// `restricted` on a root image is the kubelet's runAsNonRoot refusal, and
+/// with a non-root user it runs with no capabilities, no_new_privs and the
+/// runtime's default seccomp filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_debug_profiles_reach_the_runtime_like_the_kubelets() {
+    const SYS_PTRACE: u64 = 1 << 19;
+    const NET_ADMIN: u64 = 1 << 12;
+    const NET_RAW: u64 = 1 << 13;
+
+    let stack = stack("e2e-profiles").await;
+    let _agent = AgentProc::start(&stack, "5s");
+    stack.run_pod(app_pod("web")).await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let non_root = home.path().join("non-root.json");
+    std::fs::write(&non_root, r#"{"securityContext":{"runAsUser":1000}}"#).unwrap();
+    let image = format!("--image={}", ephemerald::testbed::images::BUSYBOX_IMAGE);
+    let debug = |name: &str, profile: &str, extra: &[&str]| {
+        let mut args = vec![
+            "debug",
+            "web",
+            &image,
+            "--image-pull-policy=Never",
+            "--target=app",
+            "-c",
+            name,
+        ];
+        let profile = format!("--profile={profile}");
+        args.push(&profile);
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sleep", "60"]);
+        run_kubectl(&stack, home.path(), &args);
+    };
+    debug("baseline", "baseline", &[]);
+    debug("general", "general", &[]);
+    debug("netadmin", "netadmin", &[]);
+    debug("sysadmin", "sysadmin", &[]);
+    debug("restricted-root", "restricted", &[]);
+    let custom = format!("--custom={}", non_root.display());
+    debug("restricted", "restricted", &[&custom]);
+
+    let mut pids = std::collections::BTreeMap::new();
+    for name in ["baseline", "general", "netadmin", "sysadmin", "restricted"] {
+        let st = wait_running(&stack, name).await;
+        let id = st.container_id.unwrap();
+        let pid = host_pid(stack.cri.as_ref(), id.trim_start_matches("containerd://")).await;
+        pids.insert(name, pid);
+    }
+    let caps = |name: &str| cap_bits(&proc_status(pids[name], "CapEff"));
+    let base = caps("baseline");
+    assert_ne!(base, 0);
+    assert_eq!(base & SYS_PTRACE, 0, "no SYS_PTRACE by default");
+    assert_eq!(caps("general"), base | SYS_PTRACE);
+    assert_eq!(caps("netadmin"), base | NET_ADMIN | NET_RAW);
+    let node_caps = cap_bits(&proc_status(std::process::id(), "CapBnd"));
+    assert_eq!(caps("sysadmin"), node_caps, "privileged: every capability");
+    assert_eq!(caps("restricted"), 0, "drop ALL");
+    assert_eq!(proc_status(pids["restricted"], "NoNewPrivs"), "1");
+    assert_eq!(
+        proc_status(pids["restricted"], "Seccomp"),
+        "2",
+        "filter mode"
+    );
+    assert_eq!(
+        proc_status(pids["restricted"], "Uid")
+            .split_whitespace()
+            .next(),
+        Some("1000")
+    );
+    assert_eq!(
+        proc_status(pids["baseline"], "Seccomp"),
+        "0",
+        "Unconfined, as the kubelet defaults"
+    );
+
+    let (reason, message) = stack
+        .wait_pod("default", "web", "restricted-root refused", WAIT, |p| {
+            let w = status_of(p, "restricted-root")?.state?.waiting?;
+            (w.reason.as_deref() == Some("CreateContainerConfigError"))
+                .then(|| (w.reason.unwrap_or_default(), w.message.unwrap_or_default()))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: {:?}",
+                stack
+                    .api
+                    .pod("default", "web")
+                    .and_then(|p| status_of(&p, "restricted-root"))
+            )
+        });
+    assert_eq!(reason, "CreateContainerConfigError");
+    assert!(
+        message.starts_with("container has runAsNonRoot and image will run as root"),
+        "{message}"
+    );
     stack.teardown().await.unwrap();
 }

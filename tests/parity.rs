@@ -9,14 +9,15 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{app_pod, debug_container, host_pid, pid_ns};
+use common::{
+    app_pod, debug_container, host_pid, pid_ns, running, runtime_ids, stack, waiting_reason,
+};
 use ephemerald::config::Mode;
 use ephemerald::cri::Runtime;
-use ephemerald::cri::proto::{ContainerFilter, ImageSpec};
+use ephemerald::cri::proto::ImageSpec;
 use ephemerald::kubelet;
 use ephemerald::reconcile::agent::{Agent, Creator};
 use ephemerald::reconcile::translate::{self, HostFiles, ResolvedImage};
-use ephemerald::testbed::containerd::ContainerdOpts;
 use ephemerald::testbed::images::BUSYBOX_IMAGE;
 use ephemerald::testbed::pod_runner::RunningPod;
 use ephemerald::testbed::stack::Stack;
@@ -29,14 +30,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn stack(prefix: &str) -> Stack {
-    Stack::start(ContainerdOpts::unique(prefix), "node-parity")
-        .await
-        .unwrap_or_else(|e| {
-            panic!("testbed did not start (run scripts/install-deps.sh as root): {e}")
-        })
-}
 
 /// The agent, in-process on the stack's real containerd.
 struct InProcess {
@@ -88,25 +81,6 @@ impl InProcess {
     }
 }
 
-fn status_of(pod: &Pod, name: &str) -> Option<ContainerStatus> {
-    pod.status
-        .as_ref()?
-        .ephemeral_container_statuses
-        .as_ref()?
-        .iter()
-        .find(|s| s.name == name)
-        .cloned()
-}
-
-fn running(pod: &Pod, name: &str) -> Option<ContainerStatus> {
-    status_of(pod, name).filter(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
-}
-
-fn waiting_reason(pod: &Pod, name: &str) -> Option<(String, String)> {
-    let w = status_of(pod, name)?.state?.waiting?;
-    Some((w.reason.unwrap_or_default(), w.message.unwrap_or_default()))
-}
-
 async fn wait_running(stack: &Stack, pod: &str, name: &str) -> ContainerStatus {
     stack
         .wait_pod(
@@ -118,26 +92,6 @@ async fn wait_running(stack: &Stack, pod: &str, name: &str) -> ContainerStatus {
         )
         .await
         .unwrap()
-}
-
-/// Runtime ids of the pod's containers with this name.
-async fn runtime_containers(stack: &Stack, pod: &Pod, name: &str) -> Vec<String> {
-    stack
-        .cri
-        .list_containers(Some(ContainerFilter {
-            label_selector: [
-                (kubelet::POD_UID_LABEL.into(), kubelet::uid(pod).into()),
-                (kubelet::CONTAINER_NAME_LABEL.into(), name.into()),
-            ]
-            .into_iter()
-            .collect(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| c.id)
-        .collect()
 }
 
 /// Creates (and starts) a container in the pod's sandbox the way a kubelet
@@ -292,7 +246,7 @@ async fn target_not_started_yet_is_a_config_error_then_starts_in_its_namespace()
     let st = wait_running(&stack, "late", "dbg").await;
     let id = st.container_id.unwrap();
     assert_eq!(
-        runtime_containers(&stack, &pod, "dbg").await,
+        runtime_ids(stack.cri.as_ref(), &pod, "dbg").await,
         [id.trim_start_matches("containerd://")]
     );
     let app_id = &running_pod.containers["app"];
@@ -337,7 +291,11 @@ async fn exited_target_is_create_container_error_until_it_is_restarted() {
         r == "Failed" && m.starts_with("Error: ")
     })
     .await;
-    assert!(runtime_containers(&stack, &pod, "dbg").await.is_empty());
+    assert!(
+        runtime_ids(stack.cri.as_ref(), &pod, "dbg")
+            .await
+            .is_empty()
+    );
 
     // The kubelet restarts the app: attempt 1, a new container id.
     let app_spec = pod.spec.as_ref().unwrap().containers[0].clone();
@@ -355,7 +313,7 @@ async fn exited_target_is_create_container_error_until_it_is_restarted() {
     let st = wait_running(&stack, "crash", "dbg").await;
     let id = st.container_id.unwrap();
     let id = id.trim_start_matches("containerd://");
-    assert_eq!(runtime_containers(&stack, &pod, "dbg").await, [id]);
+    assert_eq!(runtime_ids(stack.cri.as_ref(), &pod, "dbg").await, [id]);
     assert_eq!(
         pid_ns(host_pid(stack.cri.as_ref(), id).await),
         pid_ns(host_pid(stack.cri.as_ref(), &new_app).await),
@@ -473,7 +431,7 @@ async fn container_created_first_by_another_creator_is_adopted() {
         Some(format!("containerd://{theirs}").as_str())
     );
     agent.passes(3).await;
-    assert_eq!(runtime_containers(&stack, &pod, "dbg").await, [theirs]);
+    assert_eq!(runtime_ids(stack.cri.as_ref(), &pod, "dbg").await, [theirs]);
     let t = agent
         .agent
         .timelines()
@@ -544,7 +502,11 @@ async fn auto_mode_observes_next_to_a_live_lease_and_starts_once_it_expired() {
         .await
         .unwrap();
     agent.passes(4).await;
-    assert!(runtime_containers(&stack, &pod, "dbg").await.is_empty());
+    assert!(
+        runtime_ids(stack.cri.as_ref(), &pod, "dbg")
+            .await
+            .is_empty()
+    );
     assert_eq!(stack.api.status_history("default", "auto").len(), writes);
     agent.stop().await;
 
@@ -558,7 +520,7 @@ async fn auto_mode_observes_next_to_a_live_lease_and_starts_once_it_expired() {
     let st = wait_running(&stack, "auto", "dbg").await;
     let id = st.container_id.unwrap();
     assert_eq!(
-        runtime_containers(&stack, &pod, "dbg").await,
+        runtime_ids(stack.cri.as_ref(), &pod, "dbg").await,
         [id.trim_start_matches("containerd://")]
     );
     agent.stop().await;
@@ -578,7 +540,11 @@ async fn observe_mode_creates_nothing_and_records_the_other_creators_timeline() 
     let c = stored("dbg", Some("app"), "sleep 1; exit 7");
     stack.add_ephemeral("default", "watched", &c).await.unwrap();
     agent.passes(4).await;
-    assert!(runtime_containers(&stack, &pod, "dbg").await.is_empty());
+    assert!(
+        runtime_ids(stack.cri.as_ref(), &pod, "dbg")
+            .await
+            .is_empty()
+    );
 
     let before = SystemTime::now();
     let theirs = create_as_kubelet(
@@ -611,7 +577,7 @@ async fn observe_mode_creates_nothing_and_records_the_other_creators_timeline() 
     assert!(exited.duration_since(started).unwrap() >= Duration::from_millis(900));
     agent.passes(2).await;
     assert_eq!(
-        runtime_containers(&stack, &pod, "dbg").await,
+        runtime_ids(stack.cri.as_ref(), &pod, "dbg").await,
         std::slice::from_ref(&theirs)
     );
     assert_eq!(

@@ -115,6 +115,17 @@ impl CriError {
         self.code() == Some(Code::Unimplemented)
     }
 
+    /// containerd refuses to start a container that another caller's start
+    /// got to first: under way (`already in starting state`) or already
+    /// settled since the caller looked (`container is in CONTAINER_RUNNING
+    /// state`, `… CONTAINER_EXITED …`, an aborted start).
+    pub fn is_started_elsewhere(&self) -> bool {
+        matches!(self, CriError::Status { message, .. }
+            if message.contains("already in starting state")
+                || message.contains("container is in CONTAINER_RUNNING state")
+                || message.contains("container is in CONTAINER_EXITED state"))
+    }
+
     /// containerd and CRI-O refuse a second container with the same
     /// `{sandbox, name, attempt}`: someone else created it first.
     pub fn is_name_reserved(&self) -> bool {
@@ -168,6 +179,23 @@ mod tests {
         );
         assert!(e.is_name_reserved());
         assert!(!status(Code::Unknown, "other").is_name_reserved());
+    }
+
+    #[test]
+    fn start_by_someone_else_is_recognised() {
+        for tail in [
+            "container is already in starting state",
+            "container is in CONTAINER_EXITED state",
+            "container is in CONTAINER_RUNNING state",
+        ] {
+            let e = status(
+                Code::Unknown,
+                &format!(r#"failed to set starting state for container "abc": {tail}"#),
+            );
+            assert!(e.is_started_elsewhere(), "{tail}");
+            assert!(!e.is_name_reserved());
+        }
+        assert!(!status(Code::Unknown, "other").is_started_elsewhere());
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub struct Sources {
     pub containerd_socket: Option<PathBuf>,
     /// containerd namespace of the CRI's containers (`k8s.io`).
     pub namespace: String,
+    /// Told each time a stream is (re)opened. Exits that happened while no
+    /// stream was open (the runtime restarting, the stream re-opening) are
+    /// lost, so the listener re-checks the containers it watches.
+    pub opened: Option<mpsc::Sender<Source>>,
 }
 
 /// Errors of the event boundary.
@@ -60,6 +64,14 @@ pub enum Source {
     Cri,
     /// containerd's event service.
     Containerd,
+}
+
+impl Sources {
+    async fn announce(&self, source: Source) {
+        if let Some(opened) = &self.opened {
+            let _ = opened.send(source).await;
+        }
+    }
 }
 
 /// Forwards exits to `tx` until cancelled. Never returns an error: a lost
@@ -92,6 +104,7 @@ async fn stream_once(sources: &Sources, tx: &mpsc::Sender<Exit>) -> Result<Sourc
     let cri_err = match sources.runtime.container_events().await {
         Ok(mut stream) => {
             tracing::info!("exit events: CRI GetContainerEvents");
+            sources.announce(Source::Cri).await;
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(ev)
@@ -128,7 +141,7 @@ async fn stream_once(sources: &Sources, tx: &mpsc::Sender<Exit>) -> Result<Sourc
             containerd: "disabled".into(),
         });
     };
-    match containerd_exits(socket, &sources.namespace, tx).await {
+    match containerd_exits(sources, socket, tx).await {
         Ok(()) => Ok(Source::Containerd),
         Err(containerd) => Err(EventsError::Unavailable {
             cri: cri_err,
@@ -139,10 +152,11 @@ async fn stream_once(sources: &Sources, tx: &mpsc::Sender<Exit>) -> Result<Sourc
 
 /// Subscribes to containerd's `/tasks/exit` events in `namespace`.
 async fn containerd_exits(
+    sources: &Sources,
     socket: &std::path::Path,
-    namespace: &str,
     tx: &mpsc::Sender<Exit>,
 ) -> Result<(), String> {
+    let namespace = sources.namespace.as_str();
     let channel = tokio::time::timeout(Duration::from_secs(5), containerd_client::connect(socket))
         .await
         .map_err(|_| format!("connecting to {} timed out", socket.display()))?
@@ -154,6 +168,9 @@ async fn containerd_exits(
     let req = SubscribeRequest {
         filters: vec![format!("topic==\"/tasks/exit\",namespace=={namespace}")],
     };
+    // Announced before the (blocking) subscribe: the re-checks it causes
+    // take several CRI round trips, by which time the request is in.
+    sources.announce(Source::Containerd).await;
     let mut stream = client
         .subscribe(req)
         .await

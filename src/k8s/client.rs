@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Cluster, ContainerEvent, EventSink, K8sError};
+use crate::backoff::Backoff;
 use crate::kubelet;
 use crate::reconcile::image::DockerConfig;
 
@@ -154,10 +155,18 @@ impl EventSink for ChannelEvents {
     }
 }
 
+/// How often the event writer tries one event, like the kubelet's recorder
+/// (`maxTriesPerEvent`).
+const EVENT_TRIES: u32 = 12;
+
 /// Starts the task that writes `core/v1` Events like the kubelet's (name
 /// `<pod>.<hex nanoseconds>`, involvedObject with the container's field
 /// path, source component `ephemerald` on this node). Failures to write an
-/// event are logged and never block or fail a reconcile.
+/// event never block or fail a reconcile: while the API server is
+/// unreachable (or answers 429/5xx) the writer retries each event with the
+/// stream backoff, up to [`EVENT_TRIES`] times, in order, and events
+/// recorded meanwhile wait in the queue; a refused event is logged and
+/// dropped.
 pub fn spawn_event_writer(
     client: kube::Client,
     node: String,
@@ -171,9 +180,26 @@ pub fn spawn_event_writer(
                 _ = cancel.cancelled() => return,
             };
             let api: Api<Event> = Api::namespaced(client.clone(), &ev.namespace);
+            // Built once: a retry writes the same event (same name and time).
             let event = to_api_event(&ev, &node, SystemTime::now());
-            if let Err(e) = api.create(&PostParams::default(), &event).await {
-                tracing::warn!(reason = ev.reason, pod = %ev.pod, error = %e, "could not write event");
+            let mut backoff = Backoff::watch();
+            for attempt in 1..=EVENT_TRIES {
+                let e = match api.create(&PostParams::default(), &event).await {
+                    Ok(_) => break,
+                    Err(e) => K8sError::from_kube("create", format!("event for pod {}", ev.pod), e),
+                };
+                // 409 here is AlreadyExists: an earlier try got through.
+                let again = e.is_retryable()
+                    && !matches!(e, K8sError::Api { code: 409, .. })
+                    && attempt < EVENT_TRIES;
+                tracing::warn!(reason = ev.reason, pod = %ev.pod, error = %e, attempt, retrying = again, "could not write event");
+                if !again {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = cancel.cancelled() => return,
+                }
             }
         }
     });

@@ -7,8 +7,8 @@
 //! executes, computes the status (pure) and writes it if it changed. Running
 //! it again at any time converges to the same state.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -34,6 +34,10 @@ use crate::validation;
 /// How old a CREATED, never started container must be before the agent
 /// starts it itself: its creator normally starts it within milliseconds.
 const CREATED_GRACE: Duration = Duration::from_secs(2);
+
+/// When to look again at a container whose creator's start is still under
+/// way in the runtime.
+const START_IN_PROGRESS_RECHECK: Duration = Duration::from_secs(1);
 
 /// A reconcile pass that could not finish; the pod is retried soon.
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +162,12 @@ struct PodMemory {
     /// The pod's resourceVersion when we last wrote, and what we wrote: the
     /// cache may not show our write yet, and writing it again is waste.
     last_written: Option<(String, Vec<ContainerStatus>)>,
-    runtime_down_reported: bool,
+    /// The runtime did not answer the last pass.
+    runtime_down: bool,
+    /// Containers told that the runtime is down, during the current outage.
+    runtime_down_reported: HashSet<String>,
+    /// Look again at this time (a start someone else began is under way).
+    recheck_at: Option<Instant>,
     sandbox_details: Option<(String, SandboxDetails)>,
 }
 
@@ -195,6 +204,30 @@ pub struct Agent {
     pub health: SharedHealth,
     memory: Mutex<HashMap<String, PodMemory>>,
     exits: Mutex<HashMap<String, ObjectRef<Pod>>>,
+    /// Pods whose last pass failed (runtime or API server unreachable, a
+    /// status write refused), with the delay before the next try.
+    retries: Mutex<HashMap<String, Backoff>>,
+    /// Starts under way, by ticket: their containers' exits may arrive
+    /// before the start returns and [`owner_of`](Self::owner_of) knows them.
+    starts_in_flight: Mutex<BTreeSet<u64>>,
+    next_start: AtomicU64,
+}
+
+/// Holds one start's ticket in [`Agent::starts_in_flight`] while it lives.
+struct InFlight<'a>(&'a Agent, u64);
+
+impl<'a> InFlight<'a> {
+    fn new(agent: &'a Agent) -> Self {
+        let ticket = agent.next_start.fetch_add(1, Ordering::SeqCst);
+        lock(&agent.starts_in_flight).insert(ticket);
+        InFlight(agent, ticket)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.starts_in_flight).remove(&self.1);
+    }
 }
 
 impl Agent {
@@ -225,6 +258,9 @@ impl Agent {
             health,
             memory: Mutex::default(),
             exits: Mutex::default(),
+            retries: Mutex::default(),
+            starts_in_flight: Mutex::default(),
+            next_start: AtomicU64::new(0),
         }
     }
 
@@ -232,6 +268,35 @@ impl Agent {
     /// container the agent has seen.
     pub fn owner_of(&self, container_id: &str) -> Option<ObjectRef<Pod>> {
         lock(&self.exits).get(container_id).cloned()
+    }
+
+    /// The pod that owns a runtime container whose exit was just reported:
+    /// like [`owner_of`](Self::owner_of), but a container that exits at
+    /// once may report its exit before its start returned, so this waits
+    /// for the starts under way when the exit arrived (an id still unknown
+    /// then is someone else's).
+    pub async fn owner_of_exited(&self, container_id: &str) -> Option<ObjectRef<Pod>> {
+        let pending = lock(&self.starts_in_flight).clone();
+        loop {
+            if let Some(pod) = self.owner_of(container_id) {
+                return Some(pod);
+            }
+            let busy = {
+                let now = lock(&self.starts_in_flight);
+                pending.iter().any(|t| now.contains(t))
+            };
+            if !busy {
+                return self.owner_of(container_id);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The pods that own a created or running ephemeral container (the ones
+    /// an exit could change).
+    pub fn live_owners(&self) -> Vec<ObjectRef<Pod>> {
+        let owners: HashSet<ObjectRef<Pod>> = lock(&self.exits).values().cloned().collect();
+        owners.into_iter().collect()
     }
 
     /// Forgets pods that are gone (the watch no longer lists them), so
@@ -243,6 +308,7 @@ impl Agent {
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect();
         lock(&self.memory).retain(|uid, _| uids.contains(uid.as_str()));
+        lock(&self.retries).retain(|uid, _| uids.contains(uid.as_str()));
         lock(&self.exits).retain(|_, pod| refs.contains(pod));
     }
 
@@ -269,7 +335,22 @@ impl Agent {
         }
         self.metrics.reconciles.inc();
         let span = tracing::info_span!("reconcile", pod = %format!("{}/{}", kubelet::namespace(pod), kubelet::name(pod)), uid = %uid);
-        self.pass(pod, &uid).instrument(span).await
+        let result = self.pass(pod, &uid).instrument(span).await;
+        if result.is_ok() {
+            lock(&self.retries).remove(&uid);
+        }
+        result
+    }
+
+    /// When to try a pod again whose pass failed: the stream policy
+    /// (jittered, 0.8 s doubling to 30 s) per pod, so an unreachable runtime
+    /// or API server is not hammered; a pass that finishes resets it. A
+    /// change to the pod that a pass reads runs one sooner.
+    pub fn retry_delay(&self, pod: &Pod) -> Duration {
+        lock(&self.retries)
+            .entry(kubelet::uid(pod).to_string())
+            .or_insert_with(Backoff::watch)
+            .next_delay()
     }
 
     async fn pass(&self, pod: &Pod, uid: &str) -> Result<Action, ReconcileError> {
@@ -287,10 +368,10 @@ impl Agent {
                     h.runtime = Ok(self.runtime_name.clone());
                 }
                 drop(h);
-                lock(&self.memory)
-                    .entry(uid.to_string())
-                    .or_default()
-                    .runtime_down_reported = false;
+                let mut mem = lock(&self.memory);
+                let m = mem.entry(uid.to_string()).or_default();
+                m.runtime_down = false;
+                m.runtime_down_reported.clear();
                 o
             }
             Err(e) => {
@@ -355,42 +436,46 @@ impl Agent {
     }
 
     /// The runtime did not answer: say so once per outage on every ephemeral
-    /// container of the pod that has not run yet (it cannot start now).
+    /// container of the pod that has not run yet (it cannot start now),
+    /// also on those appended during the outage.
     fn report_runtime_down(&self, pod: &Pod, uid: &str, e: &CriError) {
         if e.code() != Some(tonic::Code::Unavailable)
             && e.code() != Some(tonic::Code::DeadlineExceeded)
         {
             return;
         }
-        {
-            let mut mem = lock(&self.memory);
-            let m = mem.entry(uid.to_string()).or_default();
-            if m.runtime_down_reported {
-                return;
-            }
-            m.runtime_down_reported = true;
-        }
         let ran: HashSet<&str> = super::status::api_statuses(pod)
             .iter()
             .filter(|s| s.container_id.is_some())
             .map(|s| s.name.as_str())
             .collect();
-        for c in pod
-            .spec
-            .iter()
-            .flat_map(|s| s.ephemeral_containers.iter().flatten())
-        {
-            if !ran.contains(c.name.as_str()) {
-                self.events.record(ContainerEvent::new(
-                    pod,
-                    &c.name,
-                    EventType::Warning,
-                    "Failed",
-                    format!("Error: container runtime is unavailable: {}", e.message()),
-                ));
-            }
+        let (first, untold) = {
+            let mut mem = lock(&self.memory);
+            let m = mem.entry(uid.to_string()).or_default();
+            let first = !m.runtime_down;
+            m.runtime_down = true;
+            let untold: Vec<String> = pod
+                .spec
+                .iter()
+                .flat_map(|s| s.ephemeral_containers.iter().flatten())
+                .filter(|c| !ran.contains(c.name.as_str()))
+                .filter(|c| m.runtime_down_reported.insert(c.name.clone()))
+                .map(|c| c.name.clone())
+                .collect();
+            (first, untold)
+        };
+        for name in untold {
+            self.events.record(ContainerEvent::new(
+                pod,
+                &name,
+                EventType::Warning,
+                "Failed",
+                format!("Error: container runtime is unavailable: {}", e.message()),
+            ));
         }
-        tracing::error!(error = %e, "container runtime unavailable");
+        if first {
+            tracing::error!(error = %e, "container runtime unavailable");
+        }
     }
 
     /// Carries out one planned action; returns whether the runtime changed.
@@ -440,6 +525,7 @@ impl Agent {
                 false
             }
             PlanAction::Resume { name, id } => {
+                let _starting = InFlight::new(self);
                 tracing::info!(container = %name, %id, "created but never started (its creator stopped half-way); starting it");
                 let result = match self.runtime.start_container(&id).await {
                     Ok(()) => {
@@ -451,6 +537,18 @@ impl Agent {
                             format!("Started container {name}"),
                         ));
                         Ok(Started::Adopted { id })
+                    }
+                    Err(e) if e.is_started_elsewhere() => {
+                        // The creator's own StartContainer got there first:
+                        // still under way in the runtime (containerd finishes
+                        // or aborts it even when the caller died) or settled
+                        // since we looked. Not a failure: look again.
+                        tracing::info!(container = %name, %id, error = %e.message(), "its creator's start got there first; looking again shortly");
+                        lock(&self.memory)
+                            .entry(uid.to_string())
+                            .or_default()
+                            .recheck_at = Some(Instant::now() + START_IN_PROGRESS_RECHECK);
+                        return false;
                     }
                     Err(e) => {
                         self.events.record(ContainerEvent::new(
@@ -471,6 +569,7 @@ impl Agent {
                 self.after_start(pod, uid, &name, "", result)
             }
             PlanAction::Start { name, target_id } => {
+                let _starting = InFlight::new(self);
                 let Some(c) = pod
                     .spec
                     .as_ref()
@@ -673,10 +772,11 @@ impl Agent {
     }
 
     fn next_pass(&self, uid: &str, now: Instant) -> Duration {
-        let soonest = lock(&self.memory).get(uid).and_then(|m| {
+        let soonest = lock(&self.memory).get_mut(uid).and_then(|m| {
             m.failures
                 .values()
                 .filter_map(|f| f.retry_at)
+                .chain(m.recheck_at.take())
                 .filter(|t| *t > now)
                 .min()
         });
@@ -828,6 +928,33 @@ pub fn parse_sandbox_info(info: &str) -> SandboxDetails {
     }
 }
 
+/// A hash of the parts of a pod a reconcile pass reads, so that the watch
+/// triggers a pass only when one of them changed: the ephemeral containers
+/// and their API statuses (someone else may rewrite them), the statuses of
+/// the other containers (a target that starts unblocks a waiting start),
+/// the phase and the deletion timestamp (stop starting). Label, annotation,
+/// condition and IP updates — most of a node's pod traffic — cost no pass
+/// and no runtime call. Exits, start retries and the periodic resync
+/// schedule their passes themselves, past this filter.
+pub fn trigger_fingerprint(pod: &Pod) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let inputs = serde_json::json!([
+        &pod.metadata.uid,
+        spec.map(|s| &s.ephemeral_containers),
+        spec.map(|s| &s.node_name),
+        status.map(|s| &s.ephemeral_container_statuses),
+        status.map(|s| &s.container_statuses),
+        status.map(|s| &s.init_container_statuses),
+        status.map(|s| &s.phase),
+        &pod.metadata.deletion_timestamp,
+    ]);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    inputs.to_string().hash(&mut h);
+    Some(h.finish())
+}
+
 fn terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
         || pod
@@ -902,6 +1029,50 @@ mod tests {
         assert_eq!(v["seen"], "1970-01-01T00:00:01.500000001Z");
         assert_eq!(v["created"], serde_json::Value::Null);
         assert_eq!(v["creator"], "agent");
+    }
+
+    #[test]
+    fn only_changes_a_pass_reads_trigger_one() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "uid": "u1", "labels": {"a": "1"}},
+            "spec": {"containers": [{"name": "app"}]},
+            "status": {"phase": "Running"},
+        }))
+        .unwrap();
+        let base = trigger_fingerprint(&pod);
+        pod.metadata.labels = Some([("a".to_string(), "2".to_string())].into());
+        pod.metadata.annotations = Some([("b".to_string(), "x".to_string())].into());
+        pod.metadata.resource_version = Some("9".into());
+        pod.status.as_mut().unwrap().pod_ip = Some("10.0.0.1".into());
+        assert_eq!(trigger_fingerprint(&pod), base, "labels, annotations, IPs");
+        let mut appended = pod.clone();
+        appended.spec.as_mut().unwrap().ephemeral_containers = Some(vec![
+            serde_json::from_value(serde_json::json!({"name": "dbg"})).unwrap(),
+        ]);
+        assert_ne!(
+            trigger_fingerprint(&appended),
+            base,
+            "an ephemeral container"
+        );
+        let mut target_started = pod.clone();
+        target_started.status.as_mut().unwrap().container_statuses = Some(vec![
+            serde_json::from_value(serde_json::json!({
+                "name": "app", "ready": true, "restartCount": 0, "image": "", "imageID": "",
+                "containerID": "containerd://1",
+            }))
+            .unwrap(),
+        ]);
+        assert_ne!(
+            trigger_fingerprint(&target_started),
+            base,
+            "a target started"
+        );
+        let mut deleted = pod.clone();
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        assert_ne!(trigger_fingerprint(&deleted), base, "deletion");
     }
 
     #[test]

@@ -355,7 +355,12 @@ fn verify_run_as_non_root(
             "container has runAsNonRoot and image has non-numeric user ({}), cannot verify user is non-root {who}",
             image.username
         ))),
-        _ => Ok(()),
+        // An image that names no user runs as root; the kubelet's
+        // `getImageUser` says so too.
+        (None, None) => Err(TranslateError::NonRoot(format!(
+            "container has runAsNonRoot and image will run as root {who}"
+        ))),
+        (None, Some(_)) => Ok(()),
     }
 }
 

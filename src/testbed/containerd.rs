@@ -33,6 +33,9 @@
 //!   idempotent, so a teardown that was interrupted can be run again, and a
 //!   testbed whose owning process died is reaped by the next
 //!   [`Containerd::start`] in the same parent directory.
+//! - [`Containerd::stop_daemon`] and [`Containerd::start_daemon`] stop and
+//!   restart containerd alone on the same directory and socket (a node's
+//!   containerd restarting): shims, containers and state stay.
 //! - A testbed started with [`Containerd::start`] is torn down when dropped
 //!   (best effort, never panics) unless [`Containerd::teardown`] ran; one
 //!   started with [`Containerd::start_detached`] or found by
@@ -453,6 +456,43 @@ impl Containerd {
         }
     }
 
+    /// Stops the containerd daemon alone (SIGTERM, then SIGKILL), as a
+    /// node's containerd goes down for an upgrade or a crash: its state,
+    /// socket path, shims and running containers stay, and
+    /// [`start_daemon`](Self::start_daemon) brings it back on the same
+    /// directory. Meanwhile every CRI call fails with `Unavailable`.
+    pub async fn stop_daemon(&mut self) -> Result<(), TestbedError> {
+        let Some(pid) = self.pid.take() else {
+            return Ok(());
+        };
+        let stopped = blocking(move || Ok(stop_process(pid))).await?;
+        if stopped {
+            tracing::info!(dir = %self.layout.dir.display(), pid, "containerd stopped");
+            Ok(())
+        } else {
+            self.pid = Some(pid);
+            Err(TestbedError::Invalid(format!(
+                "containerd (pid {pid}) does not exit"
+            )))
+        }
+    }
+
+    /// Starts containerd again on the same config, state and socket after
+    /// [`stop_daemon`](Self::stop_daemon), and waits until it serves the
+    /// CRI. containerd recovers its containers (running ones through their
+    /// shims, which outlived it).
+    pub async fn start_daemon(&mut self) -> Result<(), TestbedError> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let layout = self.layout.clone();
+        let pid = blocking(move || spawn_containerd(&layout)).await?;
+        self.pid = Some(pid);
+        self.wait_ready(Duration::from_secs(30)).await?;
+        tracing::info!(dir = %self.layout.dir.display(), pid, "containerd started again");
+        Ok(())
+    }
+
     async fn launch(opts: ContainerdOpts, detached: bool) -> Result<Self, TestbedError> {
         let started = Instant::now();
         let cache_dir = opts.cache_dir.clone();
@@ -682,6 +722,12 @@ fn prepare_and_spawn(opts: &ContainerdOpts, detached: bool) -> Result<(Layout, i
     let state = serde_json::to_vec_pretty(&layout).unwrap_or_default();
     write(&layout.state_file(), &state)?;
 
+    let pid = spawn_containerd(&layout)?;
+    Ok((layout, pid))
+}
+
+/// Starts containerd on the testbed's config and records its PID.
+fn spawn_containerd(layout: &Layout) -> Result<i32, TestbedError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -715,7 +761,7 @@ fn prepare_and_spawn(opts: &ContainerdOpts, detached: bool) -> Result<(Layout, i
     // by PID (waitpid) when it is ours, and by /proc when it is not.
     drop(child);
     write(&layout.pid_file(), format!("{pid}\n").as_bytes())?;
-    Ok((layout, pid))
+    Ok(pid)
 }
 
 fn validate_name(name: &str) -> Result<(), TestbedError> {

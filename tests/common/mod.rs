@@ -169,3 +169,129 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
+
+/// A full testbed (containerd, local API server, pod runner) whose pods are
+/// bound to `node-test`. Panics (fails the test) when it cannot start.
+pub async fn stack(prefix: &str) -> ephemerald::testbed::stack::Stack {
+    ephemerald::testbed::stack::Stack::start(ContainerdOpts::unique(prefix), "node-test")
+        .await
+        .unwrap_or_else(|e| {
+            panic!("testbed did not start (run scripts/install-deps.sh as root): {e}")
+        })
+}
+
+/// The agent binary (`ephemerald run --mode start`) against a stack, with
+/// JSON logs in a file; SIGKILLed on drop.
+pub struct AgentProc {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl AgentProc {
+    pub fn start(stack: &ephemerald::testbed::stack::Stack, resync: &str) -> AgentProc {
+        let log = stack.containerd.dir().join(format!(
+            "agent-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ephemerald"))
+            .args(stack.agent_args("start", resync))
+            .env("RUST_LOG", "info,ephemerald=debug")
+            .env("EPHEMERALD_LOG_FORMAT", "json")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("agent binary starts");
+        AgentProc { child, log }
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The `fields` of every log line whose message is `message`.
+    pub fn lines(&self, message: &str) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == message)
+            .map(|v| v["fields"].clone())
+            .collect()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The API status of ephemeral container `name`.
+pub fn status_of(pod: &Pod, name: &str) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
+    pod.status
+        .as_ref()?
+        .ephemeral_container_statuses
+        .as_ref()?
+        .iter()
+        .find(|s| s.name == name)
+        .cloned()
+}
+
+/// Its status, if running.
+pub fn running(pod: &Pod, name: &str) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
+    status_of(pod, name).filter(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
+}
+
+/// Its status, if terminated.
+pub fn terminated(pod: &Pod, name: &str) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
+    status_of(pod, name).filter(|s| s.state.as_ref().is_some_and(|st| st.terminated.is_some()))
+}
+
+/// Its waiting reason and message, if waiting.
+pub fn waiting_reason(pod: &Pod, name: &str) -> Option<(String, String)> {
+    let w = status_of(pod, name)?.state?.waiting?;
+    Some((w.reason.unwrap_or_default(), w.message.unwrap_or_default()))
+}
+
+/// The runtime's containers of pod `uid` named `name`, in any state.
+pub async fn runtime_containers(
+    rt: &dyn Runtime,
+    uid: &str,
+    name: &str,
+) -> Vec<ephemerald::cri::proto::Container> {
+    rt.list_containers(Some(ephemerald::cri::proto::ContainerFilter {
+        label_selector: [
+            (
+                ephemerald::kubelet::POD_UID_LABEL.to_string(),
+                uid.to_string(),
+            ),
+            (
+                ephemerald::kubelet::CONTAINER_NAME_LABEL.to_string(),
+                name.to_string(),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    }))
+    .await
+    .expect("ListContainers")
+}
+
+/// Their ids.
+pub async fn runtime_ids(rt: &dyn Runtime, pod: &Pod, name: &str) -> Vec<String> {
+    runtime_containers(rt, ephemerald::kubelet::uid(pod), name)
+        .await
+        .into_iter()
+        .map(|c| c.id)
+        .collect()
+}

@@ -682,9 +682,16 @@ fn run_as_non_root_is_enforced_with_the_kubelets_messages() {
         run_as_user: user,
         ..Default::default()
     };
-    // (runAsUser, image uid, image username) -> error prefix, or None when allowed
+    // (runAsUser, image uid, image username) -> error prefix, or None when
+    // allowed. An image that names no user at all runs as root.
     type Row = (Option<i64>, Option<i64>, &'static str, Option<&'static str>);
-    let table: [Row; 5] = [
+    let table: [Row; 6] = [
+        (
+            None,
+            None,
+            "",
+            Some("container has runAsNonRoot and image will run as root"),
+        ),
         (
             Some(0),
             None,

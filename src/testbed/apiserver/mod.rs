@@ -33,6 +33,12 @@
 //! * errors are `Status` objects with kube-apiserver's messages, always with
 //!   `details`; Table output for `kubectl get`.
 //!
+//! Faults for tests: [`LocalApiServer::restart`] (every connection and
+//! watch breaks), [`LocalApiServer::stop_serving`] /
+//! [`LocalApiServer::serve_again`] (unreachable for a while: connections
+//! refused), [`LocalApiServer::compact`] (410 on resume) and
+//! [`LocalApiServer::conflict_next_status_writes`] (409 Conflict).
+//!
 //! Left out: authentication and authorization, admission (no service
 //! account token volume, no default tolerations), graceful pod deletion
 //! (DELETE removes the pod at once, as with `--grace-period=0`), watches of
@@ -60,7 +66,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Event, Pod};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
@@ -290,12 +296,34 @@ impl LocalApiServer {
     /// then serves again on the same port with the same state.
     pub async fn restart(&self) {
         self.stop().await;
+        self.serve_again().await;
+    }
+
+    /// Goes away until [`serve_again`](Self::serve_again): open connections
+    /// and watches break, new connections are refused (the port is closed),
+    /// as when the API server is down or unreachable. The state is kept.
+    pub async fn stop_serving(&self) {
+        self.stop().await;
+        tracing::info!(url = %self.url(), "local apiserver stopped serving");
+    }
+
+    /// Serves again on the same port with the same state (a no-op while
+    /// serving).
+    pub async fn serve_again(&self) {
+        if self
+            .serving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            return;
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             match bind(self.addr) {
                 Ok(l) => {
                     self.serve(l);
-                    tracing::info!(url = %self.url(), "local apiserver restarted");
+                    tracing::info!(url = %self.url(), "local apiserver serving again");
                     return;
                 }
                 Err(e) if tokio::time::Instant::now() < deadline => {
@@ -372,6 +400,23 @@ impl LocalApiServer {
     /// Every accepted write to `pods/NAME/ephemeralcontainers`, oldest first.
     pub fn spec_history(&self, namespace: &str, name: &str) -> Vec<SpecRecord> {
         self.store.spec_history(namespace, name)
+    }
+
+    /// Makes the next `n` writes to any `pods/NAME/status` fail with 409
+    /// Conflict, kube-apiserver's answer when another writer keeps winning
+    /// the race for the object (its patch handler gives up after a few
+    /// internal retries) or a precondition is stale. The refused writes
+    /// change nothing and are listed in
+    /// [`conflicted_status_writes`](Self::conflicted_status_writes).
+    pub fn conflict_next_status_writes(&self, n: usize) {
+        self.store.conflict_next_status_writes(n);
+    }
+
+    /// Status writes answered 409 by
+    /// [`conflict_next_status_writes`](Self::conflict_next_status_writes):
+    /// (`namespace/name`, the ephemeral container statuses they carried).
+    pub fn conflicted_status_writes(&self) -> Vec<(String, Vec<ContainerStatus>)> {
+        self.store.conflicted_status_writes()
     }
 
     /// Refused status writes: (`namespace/name`, the Status message).

@@ -177,6 +177,9 @@ struct State {
     status_history: BTreeMap<Key, Vec<StatusRecord>>,
     spec_history: BTreeMap<Key, Vec<SpecRecord>>,
     rejected_status: Vec<(String, String)>,
+    /// Status writes still to answer with 409 (a fault for tests).
+    conflicts_armed: usize,
+    conflicted_status: Vec<(String, Vec<ContainerStatus>)>,
     requests: Vec<String>,
 }
 
@@ -620,6 +623,17 @@ impl Store {
         {
             return Err(StatusError::conflict("pods", "", name));
         }
+        if sub == Subresource::Status && st.conflicts_armed > 0 {
+            st.conflicts_armed -= 1;
+            let statuses = body
+                .status
+                .as_ref()
+                .and_then(|s| s.ephemeral_container_statuses.clone())
+                .unwrap_or_default();
+            st.conflicted_status
+                .push((format!("{ns}/{name}"), statuses));
+            return Err(StatusError::conflict("pods", "", name));
+        }
         // `rest.BeforeUpdate`: identity metadata is immutable. (A client may
         // send its UID to pin the write to this incarnation of the pod.)
         let uid_errs = immutable_uid(body.metadata.uid.as_deref(), old.metadata.uid.as_deref());
@@ -776,6 +790,14 @@ impl Store {
 
     pub fn rejected_status_writes(&self) -> Vec<(String, String)> {
         self.lock().rejected_status.clone()
+    }
+
+    pub fn conflict_next_status_writes(&self, n: usize) {
+        self.lock().conflicts_armed = n;
+    }
+
+    pub fn conflicted_status_writes(&self) -> Vec<(String, Vec<ContainerStatus>)> {
+        self.lock().conflicted_status.clone()
     }
 
     // -- other kinds -----------------------------------------------------
