@@ -12,11 +12,10 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{app_pod, debug_container, host_pid, log_text, pid_ns};
+use common::{app_pod, debug_container, host_pid, log_text, pid_ns, running, runtime_ids};
 use ephemerald::cri::Runtime;
-use ephemerald::cri::proto::{ContainerFilter, ContainerState};
+use ephemerald::cri::proto::ContainerState;
 use ephemerald::kubelet;
-use ephemerald::testbed::containerd::ContainerdOpts;
 use ephemerald::testbed::images::{self, AGENT_IMAGE};
 use ephemerald::testbed::pod_runner::make_rshared;
 use ephemerald::testbed::stack::Stack;
@@ -27,7 +26,6 @@ use serde_json::Value;
 
 const MANIFEST: &str = include_str!("../deploy/daemonset.yaml");
 const DOCKERFILE: &str = include_str!("../deploy/Dockerfile");
-const NODE: &str = "node-ds";
 const WAIT: Duration = Duration::from_secs(30);
 /// Where the testbed mounts the kubeconfig of its local API server.
 const KUBECONFIG_IN_POD: &str = "/etc/ephemerald/kubeconfig";
@@ -264,11 +262,7 @@ fn ns(pid: u32, kind: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_container() {
-    let stack = Stack::start(ContainerdOpts::unique("daemonset"), NODE)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("testbed did not start (run scripts/install-deps.sh as root): {e}")
-        });
+    let stack = common::stack("daemonset").await;
     let agent_image = images::build_agent(
         stack.containerd.dir(),
         Path::new(env!("CARGO_BIN_EXE_ephemerald")),
@@ -350,7 +344,8 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
     };
     assert!(
         body.contains(&format!(
-            "no Lease kube-node-lease/{NODE}: no kubelet serves this node"
+            "no Lease kube-node-lease/{}: no kubelet serves this node",
+            stack.node
         )),
         "--mode auto starts on a node without a kubelet: {body}"
     );
@@ -413,15 +408,7 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
         .await
         .expect("ephemeral container appended");
     let status = stack
-        .wait_pod("default", "web", "dbg running", WAIT, |p| {
-            p.status
-                .as_ref()?
-                .ephemeral_container_statuses
-                .as_ref()?
-                .iter()
-                .find(|s| s.name == "dbg" && s.state.as_ref().is_some_and(|s| s.running.is_some()))
-                .cloned()
-        })
+        .wait_pod("default", "web", "dbg running", WAIT, |p| running(p, "dbg"))
         .await
         .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", log()));
     let dbg_id = status
@@ -430,21 +417,7 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
         .strip_prefix("containerd://")
         .expect("containerd:// id")
         .to_string();
-    let in_runtime: Vec<String> = stack
-        .cri
-        .list_containers(Some(ContainerFilter {
-            label_selector: [
-                (kubelet::POD_UID_LABEL.into(), kubelet::uid(&web).into()),
-                (kubelet::CONTAINER_NAME_LABEL.into(), "dbg".into()),
-            ]
-            .into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
+    let in_runtime = runtime_ids(stack.cri.as_ref(), &web, "dbg").await;
     assert_eq!(in_runtime, [dbg_id.as_str()], "exactly one dbg container");
     let dbg_pid = host_pid(stack.cri.as_ref(), &dbg_id).await;
     let app_pid = host_pid(stack.cri.as_ref(), &web_run.containers["app"]).await;
