@@ -24,7 +24,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -100,8 +100,13 @@ pub async fn run_with_client(
 ) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Mutex::new(Health::default()));
+    let cri_errors = metrics.clone();
     let runtime: Arc<dyn Runtime> = Arc::new(
-        CriClient::new(&config.cri_endpoint)?.with_timeout(config.runtime_request_timeout),
+        CriClient::new(&config.cri_endpoint)?
+            .with_timeout(config.runtime_request_timeout)
+            .with_error_hook(Arc::new(move |rpc, code| {
+                cri_errors.error("cri", rpc, &format!("{code:?}"))
+            })),
     );
     let runtime_name = wait_for_runtime(runtime.as_ref(), &health, &shutdown).await;
     let cluster: Arc<dyn Cluster> = Arc::new(KubeCluster::new(client.clone()));
@@ -162,7 +167,7 @@ pub async fn run_with_client(
         });
     }
 
-    if let Some(addr) = config.health_addr {
+    if let Some(addr) = config.metrics_addr {
         let listener_health = health.clone();
         let m = metrics.clone();
         let cancel = shutdown.clone();
@@ -208,7 +213,37 @@ pub async fn run_with_client(
 
     let pods: kube::Api<Pod> = kube::Api::all(client);
     let selector = format!("spec.nodeName={}", config.node_name);
-    let controller = Controller::new(pods, watcher::Config::default().fields(&selector))
+    // The controller's own watch, with a look at each event on the way:
+    // when it arrived (for `event_to_create`), restarts and errors.
+    let (reader, writer) = reflector::store();
+    let (seen_agent, mut lists) = (agent.clone(), 0u64);
+    let watch =
+        watcher(pods, watcher::Config::default().fields(&selector)).inspect(
+            move |event| match event {
+                Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
+                    seen_agent.note_event(pod)
+                }
+                Ok(watcher::Event::Init) => {
+                    lists += 1;
+                    if lists > 1 {
+                        seen_agent.metrics.watch_restarts.inc();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let code = match e {
+                        watcher::Error::InitialListFailed(kube::Error::Api(s))
+                        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+                        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code.to_string(),
+                        watcher::Error::WatchError(s) => s.code.to_string(),
+                        _ => "transport".into(),
+                    };
+                    seen_agent.metrics.error("api", "watch pods", &code);
+                }
+            },
+        );
+    let trigger = reflector(writer, watch).applied_objects();
+    let controller = Controller::for_stream(trigger, reader)
         .with_config(controller::Config::default().concurrency(32))
         .reconcile_on(ReceiverStream::new(requeue_rx))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
@@ -251,8 +286,12 @@ pub async fn run_with_client(
         }
     });
 
-    let error_policy = |_pod: Arc<Pod>, err: &ReconcileError, _agent: Arc<Agent>| {
+    let error_policy = |_pod: Arc<Pod>, err: &ReconcileError, agent: Arc<Agent>| {
         tracing::warn!(error = %err, "reconcile failed; retrying");
+        // CRI failures are counted by the client itself.
+        if let ReconcileError::K8s(e) = err {
+            agent.metrics.error("api", e.verb(), &e.code_label());
+        }
         Action::requeue(Duration::from_secs(2))
     };
     controller

@@ -184,7 +184,7 @@ impl Bed {
             dirs: self.dirs.clone(),
             resync: opts.resync,
             mode: opts.mode,
-            health_addr: None,
+            metrics_addr: None,
             runtime_request_timeout: Duration::from_secs(5),
             backoff_initial: opts.backoff_initial,
             backoff_max: opts.backoff_max,

@@ -28,7 +28,7 @@ use crate::backoff::Backoff;
 use crate::cri::{CriError, Runtime};
 use crate::k8s::{Cluster, ContainerEvent, EventSink, EventType, K8sError};
 use crate::kubelet;
-use crate::observe::{Metrics, PhaseLabels, SharedHealth, StartLabels};
+use crate::observe::{Metrics, SharedHealth, StartLabels, phase};
 use crate::validation;
 
 /// How old a CREATED, never started container must be before the agent
@@ -66,9 +66,13 @@ pub struct Timeline {
     pub container: String,
     /// Who created it (unknown until created).
     pub creator: Option<Creator>,
-    /// The agent first saw it in the pod spec.
+    /// The agent received the watch event that first showed it in the pod
+    /// spec (or, without one, the pass that first saw it began).
     #[serde(serialize_with = "rfc3339")]
     pub seen: SystemTime,
+    /// This agent issued CreateContainer for it (the last attempt).
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub create_issued: Option<SystemTime>,
     /// The runtime created it.
     #[serde(serialize_with = "rfc3339_opt")]
     pub created: Option<SystemTime>,
@@ -84,6 +88,12 @@ pub struct Timeline {
     /// The API status first showed it terminated.
     #[serde(serialize_with = "rfc3339_opt")]
     pub api_terminated: Option<SystemTime>,
+    /// The API server accepted this agent's status write saying running.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub running_written: Option<SystemTime>,
+    /// The API server accepted this agent's status write saying terminated.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub terminated_written: Option<SystemTime>,
 }
 
 /// RFC 3339 with nanoseconds, e.g. `2026-11-22T04:02:25.606919465Z`.
@@ -195,6 +205,9 @@ pub struct Agent {
     pub health: SharedHealth,
     memory: Mutex<HashMap<String, PodMemory>>,
     exits: Mutex<HashMap<String, ObjectRef<Pod>>>,
+    /// When a watch event for a pod with ephemeral containers arrived that
+    /// no pass has taken yet (by pod uid): the start of `event_to_create`.
+    received: Mutex<HashMap<String, SystemTime>>,
 }
 
 impl Agent {
@@ -225,7 +238,33 @@ impl Agent {
             health,
             memory: Mutex::default(),
             exits: Mutex::default(),
+            received: Mutex::default(),
         }
+    }
+
+    /// Notes that the pod watch delivered `pod` now. Only pods with
+    /// ephemeral containers are noted; the oldest untaken event counts.
+    pub fn note_event(&self, pod: &Pod) {
+        let has_ephemeral = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.ephemeral_containers.as_ref())
+            .is_some_and(|v| !v.is_empty());
+        if !has_ephemeral {
+            return;
+        }
+        let mut received = lock(&self.received);
+        received
+            .entry(kubelet::uid(pod).to_string())
+            .or_insert_with(SystemTime::now);
+        self.metrics.queue_depth.set(received.len() as i64);
+    }
+
+    fn take_event(&self, uid: &str) -> Option<SystemTime> {
+        let mut received = lock(&self.received);
+        let at = received.remove(uid);
+        self.metrics.queue_depth.set(received.len() as i64);
+        at
     }
 
     /// The pod that owns a runtime container, if it is an ephemeral
@@ -244,6 +283,7 @@ impl Agent {
             .collect();
         lock(&self.memory).retain(|uid, _| uids.contains(uid.as_str()));
         lock(&self.exits).retain(|_, pod| refs.contains(pod));
+        lock(&self.received).retain(|uid, _| uids.contains(uid.as_str()));
     }
 
     /// Every timeline recorded so far.
@@ -257,6 +297,7 @@ impl Agent {
     /// One reconcile pass for one pod.
     pub async fn reconcile(&self, pod: &Pod) -> Result<Action, ReconcileError> {
         let uid = kubelet::uid(pod).to_string();
+        let seen = self.take_event(&uid).unwrap_or_else(SystemTime::now);
         let ecs = pod
             .spec
             .as_ref()
@@ -269,10 +310,10 @@ impl Agent {
         }
         self.metrics.reconciles.inc();
         let span = tracing::info_span!("reconcile", pod = %format!("{}/{}", kubelet::namespace(pod), kubelet::name(pod)), uid = %uid);
-        self.pass(pod, &uid).instrument(span).await
+        self.pass(pod, &uid, seen).instrument(span).await
     }
 
-    async fn pass(&self, pod: &Pod, uid: &str) -> Result<Action, ReconcileError> {
+    async fn pass(&self, pod: &Pod, uid: &str, seen: SystemTime) -> Result<Action, ReconcileError> {
         let ecs = pod
             .spec
             .as_ref()
@@ -301,7 +342,7 @@ impl Agent {
             }
         };
         self.index(pod, &observed, &names);
-        self.record_timelines(pod, &observed, SystemTime::now());
+        self.record_timelines(pod, &observed, seen, SystemTime::now());
 
         let starting = self.mode.starting() && !terminating(pod);
         let now = Instant::now();
@@ -324,7 +365,8 @@ impl Agent {
         let observed = if touched_runtime {
             let o = observe::observe(self.runtime.as_ref(), uid, &names).await?;
             self.index(pod, &o, &names);
-            self.record_timelines(pod, &o, SystemTime::now());
+            let now = SystemTime::now();
+            self.record_timelines(pod, &o, now, now);
             o
         } else {
             observed
@@ -345,6 +387,7 @@ impl Agent {
                     .await?;
                 self.metrics.status_patches.inc();
                 tracing::info!(statuses = %summary(&statuses), "status written");
+                self.record_written(uid, &statuses, SystemTime::now());
                 lock(&self.memory)
                     .entry(uid.to_string())
                     .or_default()
@@ -531,26 +574,26 @@ impl Agent {
             Ok(Started::Started { id, timings }) => {
                 let mut mem = lock(&self.memory);
                 let m = mem.entry(uid.to_string()).or_default();
-                m.failures.remove(name);
+                let retried = m.failures.remove(name).is_some();
                 if let Some(t) = m.timelines.get_mut(name) {
                     t.creator = Some(Creator::Agent);
+                    t.create_issued = Some(timings.create_issued);
                     t.created = Some(timings.created_at);
                     t.started = Some(timings.started_at);
                     if let Ok(d) = timings.started_at.duration_since(t.seen) {
                         self.metrics.seen_to_running.observe(d.as_secs_f64());
                     }
+                    // A retry waited out its backoff: that is policy, not cost.
+                    if !retried && let Ok(d) = timings.create_issued.duration_since(t.seen) {
+                        self.metrics.phase(phase::EVENT_TO_CREATE, d.as_secs_f64());
+                    }
                 }
-                for (phase, d) in [
-                    ("image", timings.image),
-                    ("create", timings.create),
-                    ("start", timings.start),
+                for (p, d) in [
+                    (phase::IMAGE, timings.image),
+                    (phase::CREATE, timings.create),
+                    (phase::START, timings.start),
                 ] {
-                    self.metrics
-                        .phases
-                        .get_or_create(&PhaseLabels {
-                            phase: phase.into(),
-                        })
-                        .observe(d.as_secs_f64());
+                    self.metrics.phase(p, d.as_secs_f64());
                 }
                 self.metrics
                     .starts
@@ -694,7 +737,34 @@ impl Agent {
         }
     }
 
-    fn record_timelines(&self, pod: &Pod, observed: &Observed, now: SystemTime) {
+    /// The API server accepted `statuses`: note the first running and
+    /// terminated write of each container this agent started.
+    fn record_written(&self, uid: &str, statuses: &[ContainerStatus], now: SystemTime) {
+        let mut mem = lock(&self.memory);
+        let Some(m) = mem.get_mut(uid) else {
+            return;
+        };
+        for s in statuses {
+            let Some(t) = m.timelines.get_mut(&s.name) else {
+                continue;
+            };
+            let state = s.state.as_ref();
+            if state.is_some_and(|st| st.running.is_some()) && t.running_written.is_none() {
+                t.running_written = Some(now);
+                if let Some(d) = t.started.and_then(|s| now.duration_since(s).ok()) {
+                    self.metrics.phase(phase::START_TO_STATUS, d.as_secs_f64());
+                }
+            }
+            if state.is_some_and(|st| st.terminated.is_some()) && t.terminated_written.is_none() {
+                t.terminated_written = Some(now);
+                if let Some(d) = t.exited.and_then(|e| now.duration_since(e).ok()) {
+                    self.metrics.phase(phase::EXIT_TO_STATUS, d.as_secs_f64());
+                }
+            }
+        }
+    }
+
+    fn record_timelines(&self, pod: &Pod, observed: &Observed, seen: SystemTime, now: SystemTime) {
         let uid = kubelet::uid(pod);
         let pod_key = format!("{}/{}", kubelet::namespace(pod), kubelet::name(pod));
         let api: BTreeMap<&str, &ContainerStatus> = super::status::api_statuses(pod)
@@ -714,12 +784,15 @@ impl Agent {
                     pod: pod_key.clone(),
                     container: c.name.clone(),
                     creator: None,
-                    seen: now,
+                    seen,
+                    create_issued: None,
                     created: None,
                     started: None,
                     exited: None,
                     api_running: None,
                     api_terminated: None,
+                    running_written: None,
+                    terminated_written: None,
                 }
             });
             let before = t.clone();
@@ -885,11 +958,14 @@ mod tests {
             container: "dbg".into(),
             creator: Some(Creator::Agent),
             seen: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_500_000_001),
+            create_issued: None,
             created: None,
             started: None,
             exited: None,
             api_running: None,
             api_terminated: None,
+            running_written: None,
+            terminated_written: None,
         };
         let v = serde_json::to_value(&t).unwrap();
         assert_eq!(v["seen"], "1970-01-01T00:00:01.500000001Z");

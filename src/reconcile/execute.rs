@@ -79,6 +79,8 @@ pub struct Timings {
     pub create: Duration,
     /// StartContainer.
     pub start: Duration,
+    /// When CreateContainer was issued.
+    pub create_issued: SystemTime,
     /// When CreateContainer returned.
     pub created_at: SystemTime,
     /// When StartContainer returned.
@@ -151,6 +153,7 @@ pub async fn start(
     .map_err(|e: TranslateError| config_error(e.to_string()))?;
 
     let t1 = Instant::now();
+    let create_issued = SystemTime::now();
     let id = match cx
         .runtime
         .create_container(cx.sandbox_id, config, cx.sandbox_config.clone())
@@ -198,6 +201,7 @@ pub async fn start(
             image: image_took,
             create: create_took,
             start: start_took,
+            create_issued,
             created_at,
             started_at: SystemTime::now(),
         },
