@@ -27,6 +27,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Start or stop the project's containerd testbed by hand (needs root).
     Testbed(TestbedArgs),
+    /// Measure the agent binary on the testbed (needs root): print a table
+    /// and write the results as JSON.
+    Bench(BenchArgs),
 }
 
 /// Whether the agent starts containers itself.
@@ -172,6 +175,30 @@ pub struct TestbedArgs {
     /// Give pods their own network through a CNI bridge.
     #[arg(long)]
     pub cni: bool,
+}
+
+/// `ephemerald bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Rounds of each side-by-side comparison.
+    #[arg(long, default_value_t = 21)]
+    pub rounds: usize,
+
+    /// Where the JSON results go.
+    #[arg(long, default_value = "bench/results.json")]
+    pub out: PathBuf,
+
+    /// A small run of every section (tiny counts; numbers not meaningful).
+    #[arg(long)]
+    pub quick: bool,
+
+    /// The agent binary to measure (default: this executable).
+    #[arg(long)]
+    pub agent_bin: Option<PathBuf>,
+
+    /// Working directory (agent logs, the fake CRI's socket).
+    #[arg(long, default_value = ".testbed/bench")]
+    pub dir: PathBuf,
 }
 
 /// A bad configuration: the process exits with 64 (EX_USAGE).
