@@ -170,6 +170,9 @@ struct PodMemory {
     last_written: Option<(String, Vec<ContainerStatus>)>,
     runtime_down_reported: bool,
     sandbox_details: Option<(String, SandboxDetails)>,
+    /// Details of the pod's settled containers from the last observation,
+    /// reused while their state holds (see [`observe::settled`]).
+    settled: Arc<HashMap<String, observe::Container>>,
 }
 
 /// What the agent needs from a sandbox to recreate its config.
@@ -320,7 +323,7 @@ impl Agent {
             .and_then(|s| s.ephemeral_containers.clone())
             .unwrap_or_default();
         let names: HashSet<&str> = ecs.iter().map(|c| c.name.as_str()).collect();
-        let observed = match observe::observe(self.runtime.as_ref(), uid, &names).await {
+        let observed = match self.observe(uid, &names).await {
             Ok(o) => {
                 let mut h = lock(&self.health);
                 if h.runtime.is_err() {
@@ -363,7 +366,7 @@ impl Agent {
             }
         }
         let observed = if touched_runtime {
-            let o = observe::observe(self.runtime.as_ref(), uid, &names).await?;
+            let o = self.observe(uid, &names).await?;
             self.index(pod, &o, &names);
             let now = SystemTime::now();
             self.record_timelines(pod, &o, now, now);
@@ -395,6 +398,20 @@ impl Agent {
             }
         }
         Ok(Action::requeue(self.next_pass(uid, Instant::now())))
+    }
+
+    /// Observes the pod's containers, reusing the settled ones' details.
+    async fn observe(&self, uid: &str, names: &HashSet<&str>) -> Result<Observed, CriError> {
+        let known = lock(&self.memory)
+            .get(uid)
+            .map(|m| m.settled.clone())
+            .unwrap_or_default();
+        let observed = observe::observe_known(self.runtime.as_ref(), uid, names, &known).await?;
+        lock(&self.memory)
+            .entry(uid.to_string())
+            .or_default()
+            .settled = Arc::new(observe::settled(&observed));
+        Ok(observed)
     }
 
     /// The runtime did not answer: say so once per outage on every ephemeral

@@ -12,7 +12,7 @@
 //! The harness measures and reports; it asserts nothing about speed. The
 //! targets of issue 4 are evaluated into the results as met / not met.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -205,6 +205,12 @@ pub struct EndToEnd {
     pub ratio_p50: f64,
     /// `end_to_end.p95 / direct.p95`.
     pub ratio_p95: f64,
+    /// Where the end-to-end time goes, from the agent's timelines: PATCH →
+    /// watch event at the agent (`patch_to_event`), → CreateContainer issued
+    /// (`event_to_create`), → StartContainer returned (`create_and_start`),
+    /// → running status accepted (`start_to_status`), → the watch client
+    /// sees it (`status_to_watch`).
+    pub phases_ms: BTreeMap<String, Stats>,
 }
 
 /// Watch event → CreateContainer with other pods on the node.
@@ -379,7 +385,7 @@ async fn real_sections(opts: &BenchOpts, stack: &Stack) -> Result<RealSections, 
 
     let sections = async {
         eprintln!("bench: end to end vs direct CRI, {} rounds", opts.rounds);
-        let e2e = end_to_end(opts, stack, &watched).await?;
+        let e2e = end_to_end(opts, stack, &watched, &agent).await?;
         eprintln!(
             "bench: agent overhead with {:?} other pods",
             opts.other_pods
@@ -401,27 +407,51 @@ async fn end_to_end(
     opts: &BenchOpts,
     stack: &Stack,
     watched: &Watched,
+    agent: &AgentProcess,
 ) -> Result<EndToEnd, BenchError> {
     let target = TargetPod::run(stack, "e2e").await?;
     let (mut direct, mut e2e) = (Vec::new(), Vec::new());
+    let (mut names, mut patched, mut watched_at) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..opts.rounds {
         for variant in alternate(round) {
             if variant == 0 {
                 direct.push(ms(target.direct(stack, &format!("direct-{round}")).await?));
             } else {
                 let name = format!("e2e-{round}");
-                let t = Instant::now();
+                let (t, at) = (Instant::now(), SystemTime::now());
                 stack
                     .add_ephemeral("default", "e2e", &debug(&name, "sleep 600"))
                     .await?;
-                let seen = watched.running("e2e", &name).await?;
+                let (seen, seen_at) = watched.wait(&name_key("e2e", &name), |s| s.running).await?;
                 e2e.push(ms(seen.saturating_duration_since(t)));
+                names.push(name);
+                patched.push(at);
+                watched_at.push(seen_at);
             }
         }
     }
+    let timelines = agent.timelines().await?;
+    let field = |f: &str| times(&timelines, "e2e", &names, f);
+    let (seen, issued, started, written) = (
+        field("seen")?,
+        field("create_issued")?,
+        field("started")?,
+        field("running_written")?,
+    );
+    let mut phases = BTreeMap::new();
+    let mut phase = |name: &str, v: Vec<f64>| -> Result<(), BenchError> {
+        phases.insert(name.to_string(), stats(&v, name)?);
+        Ok(())
+    };
+    phase("1 patch_to_event", span(&stamps(&patched), &seen))?;
+    phase("2 event_to_create", span(&seen, &issued))?;
+    phase("3 create_and_start", span(&issued, &started))?;
+    phase("4 start_to_status", span(&started, &written))?;
+    phase("5 status_to_watch", span(&written, &stamps(&watched_at)))?;
     let direct_ms = stats(&direct, "direct")?;
     let end_to_end_ms = stats(&e2e, "end to end")?;
     Ok(EndToEnd {
+        phases_ms: phases,
         rounds: opts.rounds,
         ratio_p50: end_to_end_ms.p50 / direct_ms.p50,
         ratio_p95: end_to_end_ms.p95 / direct_ms.p95,
@@ -514,7 +544,7 @@ async fn burst(opts: &BenchOpts, stack: &Stack, watched: &Watched) -> Result<Bur
     let (mut via_agent, mut direct) = (Vec::new(), Vec::new());
     for round in 0..opts.burst_rounds {
         for variant in alternate(round) {
-            let container = format!("b{round}");
+            let container = format!("{}{round}", if variant == 0 { "direct" } else { "agent" });
             if variant == 0 {
                 let t = Instant::now();
                 futures::future::try_join_all(targets.iter().map(|p| p.direct(stack, &container)))
@@ -925,11 +955,10 @@ impl Watched {
 
     async fn wait(
         &self,
-        pod: &str,
-        container: &str,
+        key: &(String, String),
         pick: fn(&Seen) -> Option<(Instant, SystemTime)>,
     ) -> Result<(Instant, SystemTime), BenchError> {
-        let key = (pod.to_string(), container.to_string());
+        let (pod, container) = key;
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let notified = self.changed.notified();
@@ -939,7 +968,7 @@ impl Watched {
                 .seen
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .get(&key)
+                .get(key)
                 .and_then(pick)
             {
                 return Ok(at);
@@ -953,11 +982,14 @@ impl Watched {
     }
 
     async fn running(&self, pod: &str, container: &str) -> Result<Instant, BenchError> {
-        Ok(self.wait(pod, container, |s| s.running).await?.0)
+        Ok(self.wait(&name_key(pod, container), |s| s.running).await?.0)
     }
 
     async fn terminated(&self, pod: &str, container: &str) -> Result<SystemTime, BenchError> {
-        Ok(self.wait(pod, container, |s| s.terminated).await?.1)
+        Ok(self
+            .wait(&name_key(pod, container), |s| s.terminated)
+            .await?
+            .1)
     }
 }
 
@@ -1134,6 +1166,25 @@ fn times(
         .collect()
 }
 
+fn stamps(times: &[SystemTime]) -> Vec<Timestamp> {
+    times
+        .iter()
+        .map(|t| Timestamp::try_from(*t).unwrap_or(Timestamp::UNIX_EPOCH))
+        .collect()
+}
+
+fn name_key(pod: &str, container: &str) -> (String, String) {
+    (pod.to_string(), container.to_string())
+}
+
+/// `to[i] - from[i]` in ms.
+fn span(from: &[Timestamp], to: &[Timestamp]) -> Vec<f64> {
+    from.iter()
+        .zip(to)
+        .map(|(a, b)| (b.as_nanosecond() - a.as_nanosecond()) as f64 / 1e6)
+        .collect()
+}
+
 /// `to - from` of each named container's timeline, in ms.
 fn spans(
     timelines: &[serde_json::Value],
@@ -1142,12 +1193,10 @@ fn spans(
     from: &str,
     to: &str,
 ) -> Result<Vec<f64>, BenchError> {
-    let a = times(timelines, pod, names, from)?;
-    let b = times(timelines, pod, names, to)?;
-    Ok(a.iter()
-        .zip(&b)
-        .map(|(a, b)| (b.as_nanosecond() - a.as_nanosecond()) as f64 / 1e6)
-        .collect())
+    Ok(span(
+        &times(timelines, pod, names, from)?,
+        &times(timelines, pod, names, to)?,
+    ))
 }
 
 fn diff_ms(from: Timestamp, to: SystemTime) -> f64 {
@@ -1297,6 +1346,9 @@ pub fn table(r: &Results) -> String {
             ),
             &o.event_to_create_ms,
         );
+    }
+    for (name, st) in &e.phases_ms {
+        row(format!("end to end, phase {name}"), st);
     }
     row(
         "exit detection: exited_at → terminated status accepted".into(),
