@@ -56,6 +56,9 @@ pub enum Error {
     ControllerStopped,
 }
 
+/// Reconcile passes at once (the controller's, and the fast path's).
+const CONCURRENCY: usize = 32;
+
 /// How often `--mode auto` looks at the node's Lease.
 const LEASE_CHECK: Duration = Duration::from_secs(10);
 
@@ -213,38 +216,15 @@ pub async fn run_with_client(
 
     let pods: kube::Api<Pod> = kube::Api::all(client);
     let selector = format!("spec.nodeName={}", config.node_name);
-    // The controller's own watch, with a look at each event on the way:
-    // when it arrived (for `event_to_create`), restarts and errors.
+    // The controller's own watch, with a look at each event on the way.
     let (reader, writer) = reflector::store();
-    let (seen_agent, mut lists) = (agent.clone(), 0u64);
-    let watch =
-        watcher(pods, watcher::Config::default().fields(&selector)).inspect(
-            move |event| match event {
-                Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
-                    seen_agent.note_event(pod)
-                }
-                Ok(watcher::Event::Init) => {
-                    lists += 1;
-                    if lists > 1 {
-                        seen_agent.metrics.watch_restarts.inc();
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let code = match e {
-                        watcher::Error::InitialListFailed(kube::Error::Api(s))
-                        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-                        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code.to_string(),
-                        watcher::Error::WatchError(s) => s.code.to_string(),
-                        _ => "transport".into(),
-                    };
-                    seen_agent.metrics.error("api", "watch pods", &code);
-                }
-            },
-        );
+    // Fast passes hold a permit each: taking them all waits for them.
+    let fast = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let watch = watcher(pods, watcher::Config::default().fields(&selector))
+        .inspect(look_at_event(agent.clone(), fast.clone()));
     let trigger = reflector(writer, watch).applied_objects();
     let controller = Controller::for_stream(trigger, reader)
-        .with_config(controller::Config::default().concurrency(32))
+        .with_config(controller::Config::default().concurrency(CONCURRENCY as u16))
         .reconcile_on(ReceiverStream::new(requeue_rx))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     let store = controller.store();
@@ -309,11 +289,59 @@ pub async fn run_with_client(
         })
         .await;
     shutdown.cancel();
+    let _ = fast.acquire_many(CONCURRENCY as u32).await;
     while tasks.join_next().await.is_some() {}
     if shutdown.is_cancelled() {
         Ok(())
     } else {
         Err(Error::ControllerStopped)
+    }
+}
+
+/// What the agent does with each pod watch event before the controller
+/// sees it: notes when it arrived (the start of `event_to_create`), counts
+/// restarts and errors, and gives a pod that gained an ephemeral container
+/// a pass at once, ahead of the controller's queue (whose timer adds a
+/// millisecond or two). The controller's own pass for the same event
+/// follows and finds the work done; passes of one pod never overlap.
+fn look_at_event(
+    agent: Arc<Agent>,
+    permits: Arc<tokio::sync::Semaphore>,
+) -> impl FnMut(&Result<watcher::Event<Pod>, watcher::Error>) {
+    let mut lists = 0u64;
+    move |event| match event {
+        Ok(watcher::Event::Apply(pod)) => {
+            if agent.note_event(pod)
+                && let Ok(permit) = permits.clone().try_acquire_owned()
+            {
+                let (agent, pod) = (agent.clone(), pod.clone());
+                tokio::spawn(async move {
+                    // Errors are left to the controller's pass.
+                    let _ = agent.reconcile(&pod).await;
+                    drop(permit);
+                });
+            }
+        }
+        Ok(watcher::Event::InitApply(pod)) => {
+            agent.note_event(pod);
+        }
+        Ok(watcher::Event::Init) => {
+            lists += 1;
+            if lists > 1 {
+                agent.metrics.watch_restarts.inc();
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            let code = match e {
+                watcher::Error::InitialListFailed(kube::Error::Api(s))
+                | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+                | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code.to_string(),
+                watcher::Error::WatchError(s) => s.code.to_string(),
+                _ => "transport".into(),
+            };
+            agent.metrics.error("api", "watch pods", &code);
+        }
     }
 }
 

@@ -211,6 +211,9 @@ pub struct Agent {
     /// When a watch event for a pod with ephemeral containers arrived that
     /// no pass has taken yet (by pod uid): the start of `event_to_create`.
     received: Mutex<HashMap<String, SystemTime>>,
+    /// One pass at a time per pod (by uid): the controller serialises its
+    /// own passes, and this also orders them with the watch's fast path.
+    passes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Agent {
@@ -242,25 +245,37 @@ impl Agent {
             memory: Mutex::default(),
             exits: Mutex::default(),
             received: Mutex::default(),
+            passes: Mutex::default(),
         }
     }
 
     /// Notes that the pod watch delivered `pod` now. Only pods with
     /// ephemeral containers are noted; the oldest untaken event counts.
-    pub fn note_event(&self, pod: &Pod) {
-        let has_ephemeral = pod
+    /// Returns whether the pod holds an ephemeral container this agent has
+    /// not seen yet while it is starting containers: worth a pass at once.
+    pub fn note_event(&self, pod: &Pod) -> bool {
+        let Some(ecs) = pod
             .spec
             .as_ref()
             .and_then(|s| s.ephemeral_containers.as_ref())
-            .is_some_and(|v| !v.is_empty());
-        if !has_ephemeral {
-            return;
+            .filter(|v| !v.is_empty())
+        else {
+            return false;
+        };
+        let uid = kubelet::uid(pod);
+        {
+            let mut received = lock(&self.received);
+            received
+                .entry(uid.to_string())
+                .or_insert_with(SystemTime::now);
+            self.metrics.queue_depth.set(received.len() as i64);
         }
-        let mut received = lock(&self.received);
-        received
-            .entry(kubelet::uid(pod).to_string())
-            .or_insert_with(SystemTime::now);
-        self.metrics.queue_depth.set(received.len() as i64);
+        let mem = lock(&self.memory);
+        let seen = mem.get(uid).map(|m| &m.timelines);
+        self.mode.starting()
+            && ecs
+                .iter()
+                .any(|c| seen.is_none_or(|t| !t.contains_key(&c.name)))
     }
 
     fn take_event(&self, uid: &str) -> Option<SystemTime> {
@@ -287,6 +302,7 @@ impl Agent {
         lock(&self.memory).retain(|uid, _| uids.contains(uid.as_str()));
         lock(&self.exits).retain(|_, pod| refs.contains(pod));
         lock(&self.received).retain(|uid, _| uids.contains(uid.as_str()));
+        lock(&self.passes).retain(|uid, _| uids.contains(uid.as_str()));
     }
 
     /// Every timeline recorded so far.
@@ -300,17 +316,19 @@ impl Agent {
     /// One reconcile pass for one pod.
     pub async fn reconcile(&self, pod: &Pod) -> Result<Action, ReconcileError> {
         let uid = kubelet::uid(pod).to_string();
-        let seen = self.take_event(&uid).unwrap_or_else(SystemTime::now);
-        let ecs = pod
+        let has_ephemeral = pod
             .spec
             .as_ref()
-            .and_then(|s| s.ephemeral_containers.clone())
-            .unwrap_or_default();
-        if ecs.is_empty() || uid.is_empty() {
+            .and_then(|s| s.ephemeral_containers.as_ref())
+            .is_some_and(|v| !v.is_empty());
+        if !has_ephemeral || uid.is_empty() {
             // Nothing to do until the pod gains an ephemeral container.
             lock(&self.memory).remove(&uid);
             return Ok(Action::await_change());
         }
+        let gate = lock(&self.passes).entry(uid.clone()).or_default().clone();
+        let _one_pass_at_a_time = gate.lock().await;
+        let seen = self.take_event(&uid).unwrap_or_else(SystemTime::now);
         self.metrics.reconciles.inc();
         let span = tracing::info_span!("reconcile", pod = %format!("{}/{}", kubelet::namespace(pod), kubelet::name(pod)), uid = %uid);
         self.pass(pod, &uid, seen).instrument(span).await

@@ -1023,7 +1023,11 @@ impl AgentProcess {
         let spawned = Instant::now();
         let child = tokio::process::Command::new(&opts.agent_bin)
             .args(&args)
-            .env("RUST_LOG", "info")
+            // The agent's own default (info) unless asked otherwise.
+            .env(
+                "RUST_LOG",
+                std::env::var("EPHEMERALD_BENCH_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)
