@@ -310,6 +310,8 @@ pub struct Results {
 const NODE: &str = "bench-node";
 const SCALE_NODE: &str = "scale-node";
 const WAIT: Duration = Duration::from_secs(60);
+/// Pause between overhead samples (see [`overhead`]).
+const SPACING: Duration = Duration::from_millis(50);
 
 /// Runs every section and returns the results (writing nothing).
 pub async fn run(opts: &BenchOpts) -> Result<Results, BenchError> {
@@ -492,6 +494,9 @@ async fn overhead(
                 .await?;
             watched.running(&pod, &name).await?;
             names.push(name);
+            // Let the agent finish the pass its own status write caused, so
+            // each sample is one event meeting an idle agent.
+            tokio::time::sleep(SPACING).await;
         }
         let timelines = agent.timelines().await?;
         let samples = spans(&timelines, &pod, &names, "seen", "create_issued")?;
