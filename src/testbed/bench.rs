@@ -892,7 +892,11 @@ fn debug(name: &str, script: &str) -> EphemeralContainer {
 
 /// Round `r`'s order of two variants: A B, then B A.
 fn alternate(round: usize) -> [u8; 2] {
-    if round.is_multiple_of(2) { [0, 1] } else { [1, 0] }
+    if round.is_multiple_of(2) {
+        [0, 1]
+    } else {
+        [1, 0]
+    }
 }
 
 fn ms(d: Duration) -> f64 {
