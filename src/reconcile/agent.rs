@@ -301,7 +301,10 @@ impl Agent {
             .collect();
         lock(&self.memory).retain(|uid, _| uids.contains(uid.as_str()));
         lock(&self.exits).retain(|_, pod| refs.contains(pod));
-        lock(&self.received).retain(|uid, _| uids.contains(uid.as_str()));
+        let mut received = lock(&self.received);
+        received.retain(|uid, _| uids.contains(uid.as_str()));
+        self.metrics.queue_depth.set(received.len() as i64);
+        drop(received);
         lock(&self.passes).retain(|uid, _| uids.contains(uid.as_str()));
     }
 
