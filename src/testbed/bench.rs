@@ -91,6 +91,8 @@ pub struct BenchOpts {
     pub idle: Duration,
     /// Unrelated pod updates per second during the scale runs' churn.
     pub churn_per_sec: u32,
+    /// Whether this is the quick (smoke) run.
+    pub quick: bool,
 }
 
 impl BenchOpts {
@@ -107,6 +109,7 @@ impl BenchOpts {
             scale_pods: vec![1000, 5000],
             idle: Duration::from_secs(30),
             churn_per_sec: 200,
+            quick: false,
         }
     }
 
@@ -123,6 +126,7 @@ impl BenchOpts {
             scale_pods: vec![50, 100],
             idle: Duration::from_secs(1),
             churn_per_sec: 50,
+            quick: true,
         }
     }
 }
@@ -333,7 +337,7 @@ pub async fn run(opts: &BenchOpts) -> Result<Results, BenchError> {
     }
     let mut results = Results {
         when: Timestamp::now().to_string(),
-        quick: opts.scale_pods.iter().all(|&n| n < 1000),
+        quick: opts.quick,
         machine,
         binary,
         end_to_end,
