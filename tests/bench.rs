@@ -24,7 +24,13 @@ async fn quick_run_reports_every_section() {
         tmp.path().join("work"),
     );
     let r = bench::run(&opts).await.unwrap_or_else(|e| {
-        panic!("the harness failed (needs root and the testbed: scripts/install-deps.sh): {e}")
+        let mut why = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            why = format!("{why}: {c}");
+            cause = c.source();
+        }
+        panic!("the harness failed (needs root and the testbed: scripts/install-deps.sh): {why}")
     });
 
     assert!(r.machine.cpus > 0 && r.machine.runtime.starts_with("containerd"));

@@ -60,6 +60,24 @@ pub enum BenchError {
     /// The agent process or a measurement did not behave.
     #[error("{0}")]
     Failed(String),
+    /// A section of the run failed.
+    #[error("{section}")]
+    Section {
+        /// Which section.
+        section: &'static str,
+        /// Why.
+        #[source]
+        source: Box<BenchError>,
+    },
+}
+
+impl BenchError {
+    fn in_section(section: &'static str) -> impl FnOnce(BenchError) -> BenchError {
+        move |e| BenchError::Section {
+            section,
+            source: Box::new(e),
+        }
+    }
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
@@ -333,7 +351,11 @@ pub async fn run(opts: &BenchOpts) -> Result<Results, BenchError> {
     let mut scale = Vec::new();
     for &pods in &opts.scale_pods {
         eprintln!("bench: scale with {pods} pods (fake CRI)");
-        scale.push(scale_run(opts, pods).await?);
+        scale.push(
+            scale_run(opts, pods)
+                .await
+                .map_err(BenchError::in_section("scale"))?,
+        );
     }
     let mut results = Results {
         when: Timestamp::now().to_string(),
@@ -391,16 +413,24 @@ async fn real_sections(opts: &BenchOpts, stack: &Stack) -> Result<RealSections, 
 
     let sections = async {
         eprintln!("bench: end to end vs direct CRI, {} rounds", opts.rounds);
-        let e2e = end_to_end(opts, stack, &watched, &agent).await?;
+        let e2e = end_to_end(opts, stack, &watched, &agent)
+            .await
+            .map_err(BenchError::in_section("end to end"))?;
         eprintln!(
             "bench: agent overhead with {:?} other pods",
             opts.other_pods
         );
-        let overhead = overhead(opts, stack, &watched, &agent).await?;
+        let overhead = overhead(opts, stack, &watched, &agent)
+            .await
+            .map_err(BenchError::in_section("agent overhead"))?;
         eprintln!("bench: exit detection, {} rounds", opts.rounds);
-        let exit = exit_detection(opts, stack, &watched, &agent).await?;
+        let exit = exit_detection(opts, stack, &watched, &agent)
+            .await
+            .map_err(BenchError::in_section("exit detection"))?;
         eprintln!("bench: burst of {} pods", opts.burst_pods);
-        let burst = burst(opts, stack, &watched).await?;
+        let burst = burst(opts, stack, &watched)
+            .await
+            .map_err(BenchError::in_section("burst"))?;
         Ok::<_, BenchError>((e2e, overhead, exit, burst))
     }
     .await;
