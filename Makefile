@@ -33,8 +33,12 @@ test: deps lint
 unit:
 	$(CARGO) test --lib
 
+# The benchmark harness on a release build: prints the tables and writes
+# bench/results.json (see BENCHMARKS.md). BENCH_ARGS=--quick for a fast look.
+BENCH_ARGS ?=
 bench: deps
-	$(CARGO) bench --bench start_latency
+	$(CARGO) build --release
+	./target/release/ephemerald bench --out bench/results.json $(BENCH_ARGS)
 
 clean-testbeds:
 	scripts/testbed.sh status

@@ -27,6 +27,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Start or stop the project's containerd testbed by hand (needs root).
     Testbed(TestbedArgs),
+    /// Measure the agent binary on the testbed (needs root): print a table
+    /// and write the results as JSON.
+    Bench(BenchArgs),
 }
 
 /// Whether the agent starts containers itself.
@@ -109,9 +112,15 @@ pub struct RunArgs {
     #[arg(long, env = "EPHEMERALD_MODE", value_enum, default_value = "auto")]
     pub mode: Mode,
 
-    /// Address for /healthz, /readyz and /metrics; empty disables.
-    #[arg(long, env = "EPHEMERALD_HEALTH_ADDR", default_value = "127.0.0.1:9481")]
-    pub health_addr: String,
+    /// Address for /metrics, /healthz, /readyz and /timelines; `0` (or
+    /// empty) disables. `--health-addr` is the old name.
+    #[arg(
+        long,
+        visible_alias = "health-addr",
+        env = "EPHEMERALD_METRICS_ADDR",
+        default_value = "127.0.0.1:10259"
+    )]
+    pub metrics_addr: String,
 
     /// Deadline of one CRI call (the kubelet's --runtime-request-timeout).
     #[arg(long, env = "EPHEMERALD_RUNTIME_REQUEST_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
@@ -168,6 +177,30 @@ pub struct TestbedArgs {
     pub cni: bool,
 }
 
+/// `ephemerald bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Rounds of each side-by-side comparison.
+    #[arg(long, default_value_t = 21)]
+    pub rounds: usize,
+
+    /// Where the JSON results go.
+    #[arg(long, default_value = "bench/results.json")]
+    pub out: PathBuf,
+
+    /// A small run of every section (tiny counts; numbers not meaningful).
+    #[arg(long)]
+    pub quick: bool,
+
+    /// The agent binary to measure (default: this executable).
+    #[arg(long)]
+    pub agent_bin: Option<PathBuf>,
+
+    /// Working directory (agent logs, the fake CRI's socket).
+    #[arg(long, default_value = ".testbed/bench")]
+    pub dir: PathBuf,
+}
+
 /// A bad configuration: the process exits with 64 (EX_USAGE).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -200,8 +233,8 @@ pub struct Config {
     pub resync: Duration,
     /// Start mode.
     pub mode: Mode,
-    /// Health/metrics listener.
-    pub health_addr: Option<SocketAddr>,
+    /// Metrics and health listener.
+    pub metrics_addr: Option<SocketAddr>,
     /// CRI call deadline.
     pub runtime_request_timeout: Duration,
     /// Per-container backoff.
@@ -251,14 +284,14 @@ impl RunArgs {
                 "must not be less than --backoff-initial",
             ));
         }
-        let health_addr = if self.health_addr.is_empty() {
-            None
-        } else {
-            Some(
-                self.health_addr
-                    .parse()
-                    .map_err(|e| invalid("health-addr", &format!("{e} (want HOST:PORT)")))?,
-            )
+        let metrics_addr = match self.metrics_addr.trim() {
+            "" | "0" => None,
+            addr => Some(addr.parse().map_err(|e| {
+                invalid(
+                    "metrics-addr",
+                    &format!("{e} (want HOST:PORT, or 0 to disable)"),
+                )
+            })?),
         };
         if let Some(k) = &self.kubeconfig
             && !k.is_file()
@@ -282,7 +315,7 @@ impl RunArgs {
             },
             resync: self.resync,
             mode: self.mode,
-            health_addr,
+            metrics_addr,
             runtime_request_timeout: self.runtime_request_timeout,
             backoff_initial: self.backoff_initial,
             backoff_max: self.backoff_max,
@@ -350,6 +383,18 @@ mod tests {
         assert_eq!(c.cri_endpoint, "unix:///run/containerd/containerd.sock");
         assert_eq!(c.dirs.pods, PathBuf::from("/var/lib/kubelet/pods"));
         assert_eq!(c.resync, Duration::from_secs(10));
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:10259".parse().unwrap()));
+    }
+
+    #[test]
+    fn metrics_addr_zero_disables_and_health_addr_is_an_alias() {
+        let off = args(&["--node-name", "n", "--metrics-addr", "0"]).unwrap();
+        assert_eq!(off.validate().unwrap().metrics_addr, None);
+        let old = args(&["--node-name", "n", "--health-addr", "127.0.0.1:9481"]).unwrap();
+        assert_eq!(
+            old.validate().unwrap().metrics_addr,
+            Some("127.0.0.1:9481".parse().unwrap())
+        );
     }
 
     #[test]
@@ -363,8 +408,8 @@ mod tests {
             ),
             (&["--node-name", "n", "--resync", "0s"], "resync"),
             (
-                &["--node-name", "n", "--health-addr", "nope"],
-                "health-addr",
+                &["--node-name", "n", "--metrics-addr", "nope"],
+                "metrics-addr",
             ),
         ];
         for (argv, flag) in table {

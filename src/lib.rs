@@ -59,6 +59,9 @@ pub enum Error {
     ControllerStopped,
 }
 
+/// Reconcile passes at once (the controller's, and the fast path's).
+const CONCURRENCY: usize = 32;
+
 /// How often `--mode auto` looks at the node's Lease.
 const LEASE_CHECK: Duration = Duration::from_secs(10);
 
@@ -101,10 +104,16 @@ pub async fn run_with_client(
     shutdown: CancellationToken,
     started: impl FnOnce(Handles),
 ) -> Result<(), Error> {
+    let metrics = Arc::new(Metrics::default());
+    let cri_errors = metrics.clone();
     let runtime: Arc<dyn Runtime> = Arc::new(
-        CriClient::new(&config.cri_endpoint)?.with_timeout(config.runtime_request_timeout),
+        CriClient::new(&config.cri_endpoint)?
+            .with_timeout(config.runtime_request_timeout)
+            .with_error_hook(Arc::new(move |rpc, code| {
+                cri_errors.error("cri", rpc, &format!("{code:?}"))
+            })),
     );
-    run_with_runtime(config, client, runtime, shutdown, started).await
+    run_inner(config, client, runtime, metrics, shutdown, started).await
 }
 
 /// [`run_with_client`] with a given runtime (tests wrap the real CRI client
@@ -118,6 +127,17 @@ pub async fn run_with_runtime(
     started: impl FnOnce(Handles),
 ) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::default());
+    run_inner(config, client, runtime, metrics, shutdown, started).await
+}
+
+async fn run_inner(
+    config: Config,
+    client: kube::Client,
+    runtime: Arc<dyn Runtime>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    started: impl FnOnce(Handles),
+) -> Result<(), Error> {
     let health = Arc::new(Mutex::new(Health::default()));
     let runtime_name = wait_for_runtime(runtime.as_ref(), &health, &shutdown).await;
     let cluster: Arc<dyn Cluster> = Arc::new(KubeCluster::new(client.clone()));
@@ -178,7 +198,7 @@ pub async fn run_with_runtime(
         });
     }
 
-    if let Some(addr) = config.health_addr {
+    if let Some(addr) = config.metrics_addr {
         let listener_health = health.clone();
         let m = metrics.clone();
         let cancel = shutdown.clone();
@@ -246,14 +266,18 @@ pub async fn run_with_runtime(
 
     let pods: kube::Api<Pod> = kube::Api::all(client);
     let selector = format!("spec.nodeName={}", config.node_name);
-    let (store, writer) = reflector::store();
+    // The controller's own watch, with a look at each event on the way.
+    let (reader, writer) = reflector::store();
+    // Fast passes hold a permit each: taking them all waits for them.
+    let fast = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let watch = watcher(pods, watcher::Config::default().fields(&selector))
+        .inspect(look_at_event(agent.clone(), fast.clone()));
     // Every pod change updates the cache; only changes a pass reads trigger one.
-    let triggers = watcher(pods, watcher::Config::default().fields(&selector))
-        .reflect(writer)
+    let triggers = reflector(writer, watch)
         .applied_objects()
         .predicate_filter(reconcile::agent::trigger_fingerprint, Default::default());
-    let controller = Controller::for_stream(triggers, store)
-        .with_config(controller::Config::default().concurrency(32))
+    let controller = Controller::for_stream(triggers, reader)
+        .with_config(controller::Config::default().concurrency(CONCURRENCY as u16))
         .reconcile_on(ReceiverStream::new(requeue_rx))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     let store = controller.store();
@@ -296,14 +320,7 @@ pub async fn run_with_runtime(
     });
 
     let error_policy = |pod: Arc<Pod>, err: &ReconcileError, agent: Arc<Agent>| {
-        let delay = agent.retry_delay(&pod);
-        tracing::warn!(
-            pod = %format!("{}/{}", kubelet::namespace(&pod), kubelet::name(&pod)),
-            error = %err,
-            retry_in_ms = delay.as_millis() as u64,
-            "reconcile failed; retrying"
-        );
-        Action::requeue(delay)
+        Action::requeue(failed_pass(&agent, &pod, err))
     };
     controller
         .run(
@@ -320,12 +337,79 @@ pub async fn run_with_runtime(
         })
         .await;
     shutdown.cancel();
+    let _ = fast.acquire_many(CONCURRENCY as u32).await;
     while tasks.join_next().await.is_some() {}
     if shutdown.is_cancelled() {
         Ok(())
     } else {
         Err(Error::ControllerStopped)
     }
+}
+
+/// What the agent does with each pod watch event before the controller
+/// sees it: notes when it arrived (the start of `event_to_create`), counts
+/// restarts and errors, and gives a pod that gained an ephemeral container
+/// a pass at once, ahead of the controller's queue (whose timer adds a
+/// millisecond or two). The controller's own pass for the same event
+/// follows and finds the work done; passes of one pod never overlap.
+fn look_at_event(
+    agent: Arc<Agent>,
+    permits: Arc<tokio::sync::Semaphore>,
+) -> impl FnMut(&Result<watcher::Event<Pod>, watcher::Error>) {
+    let mut lists = 0u64;
+    move |event| match event {
+        Ok(watcher::Event::Apply(pod)) => {
+            if agent.note_event(pod)
+                && let Ok(permit) = permits.clone().try_acquire_owned()
+            {
+                let (agent, pod) = (agent.clone(), pod.clone());
+                tokio::spawn(async move {
+                    // The controller's pass for the same event follows and
+                    // schedules any retry; the failure is still told.
+                    if let Err(e) = agent.reconcile(&pod).await {
+                        failed_pass(&agent, &pod, &e);
+                    }
+                    drop(permit);
+                });
+            }
+        }
+        Ok(watcher::Event::InitApply(pod)) => {
+            agent.note_event(pod);
+        }
+        Ok(watcher::Event::Init) => {
+            lists += 1;
+            if lists > 1 {
+                agent.metrics.watch_restarts.inc();
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            let code = match e {
+                watcher::Error::InitialListFailed(kube::Error::Api(s))
+                | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+                | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code.to_string(),
+                watcher::Error::WatchError(s) => s.code.to_string(),
+                _ => "transport".into(),
+            };
+            agent.metrics.error("api", "watch pods", &code);
+        }
+    }
+}
+
+/// Logs and counts a failed pass; returns when to try the pod again.
+fn failed_pass(agent: &Agent, pod: &Pod, err: &ReconcileError) -> Duration {
+    let delay = agent.retry_delay(pod);
+    tracing::warn!(
+        pod = %format!("{}/{}", kubelet::namespace(pod), kubelet::name(pod)),
+        error = %err,
+        retry_in_ms = delay.as_millis() as u64,
+        "reconcile failed; retrying"
+    );
+    // CRI failures are counted by the client itself.
+    if let ReconcileError::K8s(e) = err {
+        agent.metrics.error("api", e.verb(), &e.code_label());
+    }
+    delay
 }
 
 /// Asks the runtime for its name until it answers (or shutdown); the agent

@@ -50,6 +50,10 @@ fn main() -> ExitCode {
             init_tracing(LogFormat::Text, "warn");
             report(runtime.block_on(ephemerald::testbed::demo::run(args)))
         }
+        Command::Bench(args) => {
+            init_tracing(LogFormat::Text, "warn");
+            report(runtime.block_on(ephemerald::testbed::bench::run_cli(args)))
+        }
         Command::Testbed(args) => {
             init_tracing(LogFormat::Text, "info");
             report(runtime.block_on(ephemerald::testbed::demo::testbed_cli(args)))

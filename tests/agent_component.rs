@@ -186,7 +186,7 @@ impl Bed {
             dirs: self.dirs.clone(),
             resync: opts.resync,
             mode: opts.mode,
-            health_addr: None,
+            metrics_addr: None,
             runtime_request_timeout: Duration::from_secs(5),
             backoff_initial: opts.backoff_initial,
             backoff_max: opts.backoff_max,
@@ -2070,4 +2070,87 @@ async fn resource_field_refs_read_the_nodes_allocatable() {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     assert_eq!(env_of(&bed.only_container(&pod, "dbg")), want);
+}
+
+/// The metrics follow one container from the watch event to its terminated
+/// status, each phase once, and its timeline holds the same instants in
+/// order; a CRI failure is counted by RPC and code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_timeline_follow_a_container_from_watch_event_to_terminated() {
+    let mut bed = Bed::new().await;
+    bed.fake.serve_container_events(true);
+    let agent = bed.start_agent(Opts::default()).await;
+    let (pod, _) = bed.run_pod(app_pod("phases")).await;
+    eventually("the agent to subscribe to CRI events", WAIT, || {
+        (bed.calls("GetContainerEvents") > 0).then_some(())
+    })
+    .await;
+
+    bed.add_ephemeral("phases", &[debug("dbg", Some("app"))])
+        .await;
+    bed.wait_status("phases", "dbg", "running", is_running)
+        .await;
+    let dbg = bed.only_container(&pod, "dbg");
+    bed.fake.exit(&dbg.id, 0);
+    bed.wait_status("phases", "dbg", "terminated", |s| exit_code(s).is_some())
+        .await;
+
+    let count = |text: &str, phase: &str| {
+        let key = format!("ephemerald_start_phase_seconds_count{{phase=\"{phase}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .map(|v| v.trim().to_string())
+    };
+    let text = eventually("the terminated status to be timed", WAIT, || {
+        let text = agent.metrics.encode();
+        count(&text, "exit_to_status").map(|_| text)
+    })
+    .await;
+    for phase in [
+        "event_to_create",
+        "image",
+        "create",
+        "start",
+        "start_to_status",
+        "exit_to_status",
+    ] {
+        assert_eq!(count(&text, phase).as_deref(), Some("1"), "{phase}\n{text}");
+    }
+    // Every watch event is taken by a pass (our own status write's last).
+    eventually("the reconcile queue to drain", WAIT, || {
+        (agent.metrics.queue_depth.get() == 0).then_some(())
+    })
+    .await;
+
+    let t = agent
+        .timelines()
+        .into_iter()
+        .find(|t| t.container == "dbg")
+        .expect("a timeline for dbg");
+    let at = |name: &str, v: Option<SystemTime>| v.unwrap_or_else(|| panic!("{name}: {t:?}"));
+    let issued = at("create_issued", t.create_issued);
+    let started = at("started", t.started);
+    let running = at("running_written", t.running_written);
+    let exited = at("exited", t.exited);
+    let terminated = at("terminated_written", t.terminated_written);
+    assert!(
+        t.seen <= issued && issued <= started && started <= running,
+        "{t:?}"
+    );
+    assert!(exited <= terminated, "{t:?}");
+
+    // A failed StartContainer is counted with its RPC and code.
+    bed.fake
+        .fail_next("StartContainer", Code::Unknown, RUNC_FAILURE);
+    bed.add_ephemeral("phases", &[debug("dbg2", Some("app"))])
+        .await;
+    bed.wait_event("phases", "dbg2", "Failed", |m| m.starts_with("Error: "))
+        .await;
+    let text = agent.metrics.encode();
+    assert!(
+        text.contains(
+            r#"ephemerald_errors_total{source="cri",call="StartContainer",code="Unknown"} 1"#
+        ),
+        "{text}"
+    );
 }

@@ -104,7 +104,7 @@ async fn readyz_reports_the_mode_and_sigterm_drains_leaving_containers_alone() {
             "--containerd-socket",
             "",
         ])
-        .args(["--health-addr", &health])
+        .args(["--metrics-addr", &health])
         .args([
             "--pod-logs-dir",
             &tmp.path().join("logs").display().to_string(),

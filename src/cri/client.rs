@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -26,7 +27,11 @@ pub struct CriClient {
     runtime: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
     timeout: Duration,
+    on_error: Option<ErrorHook>,
 }
+
+/// Told the RPC name and code of every failed call (for metrics).
+pub type ErrorHook = Arc<dyn Fn(&'static str, tonic::Code) + Send + Sync>;
 
 impl CriClient {
     /// Builds a client for `unix:///path/to/socket`. The connection is made on
@@ -48,7 +53,20 @@ impl CriClient {
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
             timeout: DEFAULT_CALL_TIMEOUT,
+            on_error: None,
         })
+    }
+
+    /// Calls `hook` with the RPC name and code of every failed call.
+    pub fn with_error_hook(mut self, hook: ErrorHook) -> Self {
+        self.on_error = Some(hook);
+        self
+    }
+
+    fn failed(&self, name: &'static str, code: tonic::Code) {
+        if let Some(hook) = &self.on_error {
+            hook(name, code);
+        }
     }
 
     /// Changes the per-call deadline (not applied to image pulls).
@@ -68,6 +86,7 @@ impl CriClient {
             Some(d) => match tokio::time::timeout(d, fut).await {
                 Ok(r) => r,
                 Err(_) => {
+                    self.failed(name, tonic::Code::DeadlineExceeded);
                     return Err(CriError::Timeout {
                         call: name,
                         secs: d.as_secs(),
@@ -84,6 +103,7 @@ impl CriClient {
             }
             Err(status) => {
                 tracing::debug!(rpc = name, code = ?status.code(), error = status.message(), "cri call failed");
+                self.failed(name, status.code());
                 Err(CriError::from_status(name, status))
             }
         }

@@ -6,7 +6,7 @@
 mod client;
 mod error;
 
-pub use client::{CriClient, socket_path};
+pub use client::{CriClient, ErrorHook, socket_path};
 pub use error::CriError;
 
 use futures::stream::BoxStream;

@@ -176,6 +176,23 @@ impl K8sError {
         }
     }
 
+    /// The HTTP status code, or `transport` when no answer came (a metric
+    /// label).
+    pub fn code_label(&self) -> String {
+        match self {
+            K8sError::Api { code, .. } => code.to_string(),
+            _ => "transport".into(),
+        }
+    }
+
+    /// The verb of the failed request (a metric label).
+    pub fn verb(&self) -> &'static str {
+        match self {
+            K8sError::Api { verb, .. } | K8sError::Transport { verb, .. } => verb,
+            _ => "config",
+        }
+    }
+
     /// Whether trying again later may help (no answer, conflicts, server
     /// trouble); a refusal of the request itself (422, 403, 404) is final.
     pub fn is_retryable(&self) -> bool {

@@ -1,6 +1,9 @@
 //! What the agent shows about itself: Prometheus metrics and the health
 //! endpoints (`/healthz` live, `/readyz` ready with the mode and why not,
-//! `/metrics`).
+//! `/metrics`, `/timelines`), served on `--metrics-addr`.
+//!
+//! Phase names of `ephemerald_start_phase_seconds` (see [`phase`]) follow
+//! one container from the watch event to its terminated status.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -26,11 +29,39 @@ pub struct StartLabels {
     pub reason: String,
 }
 
-/// Labels of the CRI phase histogram.
+/// Labels of the phase histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
-    /// `image`, `create` or `start`.
+    /// One of [`phase`].
     pub phase: String,
+}
+
+/// The phases of one ephemeral container's life that are timed.
+pub mod phase {
+    /// Watch event received → CreateContainer issued (the agent's own cost).
+    pub const EVENT_TO_CREATE: &str = "event_to_create";
+    /// Image present or pulled.
+    pub const IMAGE: &str = "image";
+    /// CreateContainer.
+    pub const CREATE: &str = "create";
+    /// StartContainer.
+    pub const START: &str = "start";
+    /// StartContainer returned → running status accepted by the API server.
+    pub const START_TO_STATUS: &str = "start_to_status";
+    /// Container exit (the runtime's `finished_at`) → terminated status
+    /// accepted by the API server.
+    pub const EXIT_TO_STATUS: &str = "exit_to_status";
+}
+
+/// Labels of the error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// `cri` or `api`.
+    pub source: String,
+    /// The CRI RPC or the API verb (`watch`, `patch status`, …).
+    pub call: String,
+    /// gRPC code name, HTTP status code, or `transport`.
+    pub code: String,
 }
 
 /// The agent's metrics.
@@ -50,6 +81,13 @@ pub struct Metrics {
     pub status_patches: Counter,
     /// 1 while the agent starts containers, 0 while it only observes.
     pub starting: Gauge,
+    /// Pods with ephemeral containers whose latest watch event has not been
+    /// reconciled yet.
+    pub queue_depth: Gauge,
+    /// Times the pod watch started over with a new list.
+    pub watch_restarts: Counter,
+    /// Failed API and CRI calls by code.
+    pub errors: Family<ErrorLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -57,13 +95,17 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("ephemerald");
         let starts = Family::<StartLabels, Counter>::default();
         let seen_to_running = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        // 100 µs to ~100 s: the agent's own phases are sub-millisecond.
         let phases = Family::<PhaseLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(0.001, 2.0, 16))) as fn() -> Histogram,
+            (|| Histogram::new(exponential_buckets(0.0001, 2.0, 21))) as fn() -> Histogram,
         );
         let reconciles = Counter::default();
         let reconcile_errors = Counter::default();
         let status_patches = Counter::default();
         let starting = Gauge::default();
+        let queue_depth = Gauge::default();
+        let watch_restarts = Counter::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
         registry.register(
             "container_starts",
             "Ephemeral container start attempts",
@@ -76,7 +118,7 @@ impl Default for Metrics {
         );
         registry.register(
             "start_phase_seconds",
-            "Time per start phase",
+            "Time per phase, from the watch event to the terminated status",
             phases.clone(),
         );
         registry.register("reconciles", "Reconcile passes", reconciles.clone());
@@ -95,6 +137,21 @@ impl Default for Metrics {
             "1 when the agent starts containers, 0 when it observes",
             starting.clone(),
         );
+        registry.register(
+            "reconcile_queue_depth",
+            "Pods with ephemeral containers waiting for a reconcile",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "watch_restarts",
+            "Pod watch restarts (new lists after the first)",
+            watch_restarts.clone(),
+        );
+        registry.register(
+            "errors",
+            "Failed API server and CRI calls by code",
+            errors.clone(),
+        );
         Metrics {
             registry,
             starts,
@@ -104,11 +161,34 @@ impl Default for Metrics {
             reconcile_errors,
             status_patches,
             starting,
+            queue_depth,
+            watch_restarts,
+            errors,
         }
     }
 }
 
 impl Metrics {
+    /// Records a duration of one [`phase`].
+    pub fn phase(&self, phase: &str, seconds: f64) {
+        self.phases
+            .get_or_create(&PhaseLabels {
+                phase: phase.into(),
+            })
+            .observe(seconds);
+    }
+
+    /// Counts a failed call.
+    pub fn error(&self, source: &str, call: &str, code: &str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                source: source.into(),
+                call: call.into(),
+                code: code.into(),
+            })
+            .inc();
+    }
+
     /// The text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -236,7 +316,26 @@ mod tests {
     fn metrics_encode() {
         let m = Metrics::default();
         m.reconciles.inc();
+        m.phase(phase::EVENT_TO_CREATE, 0.0004);
+        m.error("cri", "StartContainer", "Unknown");
+        m.watch_restarts.inc();
+        m.queue_depth.set(3);
         let text = m.encode();
         assert!(text.contains("ephemerald_reconciles_total 1"), "{text}");
+        assert!(
+            text.contains(r#"ephemerald_start_phase_seconds_count{phase="event_to_create"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"ephemerald_errors_total{source="cri",call="StartContainer",code="Unknown"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains("ephemerald_watch_restarts_total 1"), "{text}");
+        assert!(
+            text.contains("ephemerald_reconcile_queue_depth 3"),
+            "{text}"
+        );
     }
 }

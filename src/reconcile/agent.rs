@@ -28,7 +28,7 @@ use crate::backoff::Backoff;
 use crate::cri::{CriError, Runtime};
 use crate::k8s::{Cluster, ContainerEvent, EventSink, EventType, K8sError};
 use crate::kubelet;
-use crate::observe::{Metrics, PhaseLabels, SharedHealth, StartLabels};
+use crate::observe::{Metrics, SharedHealth, StartLabels, phase};
 use crate::validation;
 
 /// How old a CREATED, never started container must be before the agent
@@ -70,9 +70,13 @@ pub struct Timeline {
     pub container: String,
     /// Who created it (unknown until created).
     pub creator: Option<Creator>,
-    /// The agent first saw it in the pod spec.
+    /// The agent received the watch event that first showed it in the pod
+    /// spec (or, without one, the pass that first saw it began).
     #[serde(serialize_with = "rfc3339")]
     pub seen: SystemTime,
+    /// This agent issued CreateContainer for it (the last attempt).
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub create_issued: Option<SystemTime>,
     /// The runtime created it.
     #[serde(serialize_with = "rfc3339_opt")]
     pub created: Option<SystemTime>,
@@ -88,6 +92,12 @@ pub struct Timeline {
     /// The API status first showed it terminated.
     #[serde(serialize_with = "rfc3339_opt")]
     pub api_terminated: Option<SystemTime>,
+    /// The API server accepted this agent's status write saying running.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub running_written: Option<SystemTime>,
+    /// The API server accepted this agent's status write saying terminated.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub terminated_written: Option<SystemTime>,
 }
 
 /// RFC 3339 with nanoseconds, e.g. `2026-11-22T04:02:25.606919465Z`.
@@ -169,6 +179,9 @@ struct PodMemory {
     /// Look again at this time (a start someone else began is under way).
     recheck_at: Option<Instant>,
     sandbox_details: Option<(String, SandboxDetails)>,
+    /// Details of the pod's settled containers from the last observation,
+    /// reused while their state holds (see [`observe::settled`]).
+    settled: Arc<HashMap<String, observe::Container>>,
 }
 
 /// What the agent needs from a sandbox to recreate its config.
@@ -211,6 +224,12 @@ pub struct Agent {
     /// before the start returns and [`owner_of`](Self::owner_of) knows them.
     starts_in_flight: Mutex<BTreeSet<u64>>,
     next_start: AtomicU64,
+    /// When a watch event for a pod with ephemeral containers arrived that
+    /// no pass has taken yet (by pod uid): the start of `event_to_create`.
+    received: Mutex<HashMap<String, SystemTime>>,
+    /// One pass at a time per pod (by uid): the controller serialises its
+    /// own passes, and this also orders them with the watch's fast path.
+    passes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Holds one start's ticket in [`Agent::starts_in_flight`] while it lives.
@@ -261,7 +280,45 @@ impl Agent {
             retries: Mutex::default(),
             starts_in_flight: Mutex::default(),
             next_start: AtomicU64::new(0),
+            received: Mutex::default(),
+            passes: Mutex::default(),
         }
+    }
+
+    /// Notes that the pod watch delivered `pod` now. Only pods with
+    /// ephemeral containers are noted; the oldest untaken event counts.
+    /// Returns whether the pod holds an ephemeral container this agent has
+    /// not seen yet while it is starting containers: worth a pass at once.
+    pub fn note_event(&self, pod: &Pod) -> bool {
+        let Some(ecs) = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.ephemeral_containers.as_ref())
+            .filter(|v| !v.is_empty())
+        else {
+            return false;
+        };
+        let uid = kubelet::uid(pod);
+        {
+            let mut received = lock(&self.received);
+            received
+                .entry(uid.to_string())
+                .or_insert_with(SystemTime::now);
+            self.metrics.queue_depth.set(received.len() as i64);
+        }
+        let mem = lock(&self.memory);
+        let seen = mem.get(uid).map(|m| &m.timelines);
+        self.mode.starting()
+            && ecs
+                .iter()
+                .any(|c| seen.is_none_or(|t| !t.contains_key(&c.name)))
+    }
+
+    fn take_event(&self, uid: &str) -> Option<SystemTime> {
+        let mut received = lock(&self.received);
+        let at = received.remove(uid);
+        self.metrics.queue_depth.set(received.len() as i64);
+        at
     }
 
     /// The pod that owns a runtime container, if it is an ephemeral
@@ -310,6 +367,11 @@ impl Agent {
         lock(&self.memory).retain(|uid, _| uids.contains(uid.as_str()));
         lock(&self.retries).retain(|uid, _| uids.contains(uid.as_str()));
         lock(&self.exits).retain(|_, pod| refs.contains(pod));
+        let mut received = lock(&self.received);
+        received.retain(|uid, _| uids.contains(uid.as_str()));
+        self.metrics.queue_depth.set(received.len() as i64);
+        drop(received);
+        lock(&self.passes).retain(|uid, _| uids.contains(uid.as_str()));
     }
 
     /// Every timeline recorded so far.
@@ -323,19 +385,22 @@ impl Agent {
     /// One reconcile pass for one pod.
     pub async fn reconcile(&self, pod: &Pod) -> Result<Action, ReconcileError> {
         let uid = kubelet::uid(pod).to_string();
-        let ecs = pod
+        let has_ephemeral = pod
             .spec
             .as_ref()
-            .and_then(|s| s.ephemeral_containers.clone())
-            .unwrap_or_default();
-        if ecs.is_empty() || uid.is_empty() {
+            .and_then(|s| s.ephemeral_containers.as_ref())
+            .is_some_and(|v| !v.is_empty());
+        if !has_ephemeral || uid.is_empty() {
             // Nothing to do until the pod gains an ephemeral container.
             lock(&self.memory).remove(&uid);
             return Ok(Action::await_change());
         }
+        let gate = lock(&self.passes).entry(uid.clone()).or_default().clone();
+        let _one_pass_at_a_time = gate.lock().await;
+        let seen = self.take_event(&uid).unwrap_or_else(SystemTime::now);
         self.metrics.reconciles.inc();
         let span = tracing::info_span!("reconcile", pod = %format!("{}/{}", kubelet::namespace(pod), kubelet::name(pod)), uid = %uid);
-        let result = self.pass(pod, &uid).instrument(span).await;
+        let result = self.pass(pod, &uid, seen).instrument(span).await;
         if result.is_ok() {
             lock(&self.retries).remove(&uid);
         }
@@ -353,14 +418,14 @@ impl Agent {
             .next_delay()
     }
 
-    async fn pass(&self, pod: &Pod, uid: &str) -> Result<Action, ReconcileError> {
+    async fn pass(&self, pod: &Pod, uid: &str, seen: SystemTime) -> Result<Action, ReconcileError> {
         let ecs = pod
             .spec
             .as_ref()
             .and_then(|s| s.ephemeral_containers.clone())
             .unwrap_or_default();
         let names: HashSet<&str> = ecs.iter().map(|c| c.name.as_str()).collect();
-        let observed = match observe::observe(self.runtime.as_ref(), uid, &names).await {
+        let observed = match self.observe(uid, &names).await {
             Ok(o) => {
                 let mut h = lock(&self.health);
                 if h.runtime.is_err() {
@@ -382,7 +447,7 @@ impl Agent {
             }
         };
         self.index(pod, &observed, &names);
-        self.record_timelines(pod, &observed, SystemTime::now());
+        self.record_timelines(pod, &observed, seen, SystemTime::now());
 
         let starting = self.mode.starting() && !terminating(pod);
         let now = Instant::now();
@@ -403,9 +468,10 @@ impl Agent {
             }
         }
         let observed = if touched_runtime {
-            let o = observe::observe(self.runtime.as_ref(), uid, &names).await?;
+            let o = self.observe(uid, &names).await?;
             self.index(pod, &o, &names);
-            self.record_timelines(pod, &o, SystemTime::now());
+            let now = SystemTime::now();
+            self.record_timelines(pod, &o, now, now);
             o
         } else {
             observed
@@ -426,6 +492,7 @@ impl Agent {
                     .await?;
                 self.metrics.status_patches.inc();
                 tracing::info!(statuses = %summary(&statuses), "status written");
+                self.record_written(uid, &statuses, SystemTime::now());
                 lock(&self.memory)
                     .entry(uid.to_string())
                     .or_default()
@@ -433,6 +500,20 @@ impl Agent {
             }
         }
         Ok(Action::requeue(self.next_pass(uid, Instant::now())))
+    }
+
+    /// Observes the pod's containers, reusing the settled ones' details.
+    async fn observe(&self, uid: &str, names: &HashSet<&str>) -> Result<Observed, CriError> {
+        let known = lock(&self.memory)
+            .get(uid)
+            .map(|m| m.settled.clone())
+            .unwrap_or_default();
+        let observed = observe::observe_known(self.runtime.as_ref(), uid, names, &known).await?;
+        lock(&self.memory)
+            .entry(uid.to_string())
+            .or_default()
+            .settled = Arc::new(observe::settled(&observed));
+        Ok(observed)
     }
 
     /// The runtime did not answer: say so once per outage on every ephemeral
@@ -637,26 +718,26 @@ impl Agent {
             Ok(Started::Started { id, timings }) => {
                 let mut mem = lock(&self.memory);
                 let m = mem.entry(uid.to_string()).or_default();
-                m.failures.remove(name);
+                let retried = m.failures.remove(name).is_some();
                 if let Some(t) = m.timelines.get_mut(name) {
                     t.creator = Some(Creator::Agent);
+                    t.create_issued = Some(timings.create_issued);
                     t.created = Some(timings.created_at);
                     t.started = Some(timings.started_at);
                     if let Ok(d) = timings.started_at.duration_since(t.seen) {
                         self.metrics.seen_to_running.observe(d.as_secs_f64());
                     }
+                    // A retry waited out its backoff: that is policy, not cost.
+                    if !retried && let Ok(d) = timings.create_issued.duration_since(t.seen) {
+                        self.metrics.phase(phase::EVENT_TO_CREATE, d.as_secs_f64());
+                    }
                 }
-                for (phase, d) in [
-                    ("image", timings.image),
-                    ("create", timings.create),
-                    ("start", timings.start),
+                for (p, d) in [
+                    (phase::IMAGE, timings.image),
+                    (phase::CREATE, timings.create),
+                    (phase::START, timings.start),
                 ] {
-                    self.metrics
-                        .phases
-                        .get_or_create(&PhaseLabels {
-                            phase: phase.into(),
-                        })
-                        .observe(d.as_secs_f64());
+                    self.metrics.phase(p, d.as_secs_f64());
                 }
                 self.metrics
                     .starts
@@ -801,7 +882,34 @@ impl Agent {
         }
     }
 
-    fn record_timelines(&self, pod: &Pod, observed: &Observed, now: SystemTime) {
+    /// The API server accepted `statuses`: note the first running and
+    /// terminated write of each container this agent started.
+    fn record_written(&self, uid: &str, statuses: &[ContainerStatus], now: SystemTime) {
+        let mut mem = lock(&self.memory);
+        let Some(m) = mem.get_mut(uid) else {
+            return;
+        };
+        for s in statuses {
+            let Some(t) = m.timelines.get_mut(&s.name) else {
+                continue;
+            };
+            let state = s.state.as_ref();
+            if state.is_some_and(|st| st.running.is_some()) && t.running_written.is_none() {
+                t.running_written = Some(now);
+                if let Some(d) = t.started.and_then(|s| now.duration_since(s).ok()) {
+                    self.metrics.phase(phase::START_TO_STATUS, d.as_secs_f64());
+                }
+            }
+            if state.is_some_and(|st| st.terminated.is_some()) && t.terminated_written.is_none() {
+                t.terminated_written = Some(now);
+                if let Some(d) = t.exited.and_then(|e| now.duration_since(e).ok()) {
+                    self.metrics.phase(phase::EXIT_TO_STATUS, d.as_secs_f64());
+                }
+            }
+        }
+    }
+
+    fn record_timelines(&self, pod: &Pod, observed: &Observed, seen: SystemTime, now: SystemTime) {
         let uid = kubelet::uid(pod);
         let pod_key = format!("{}/{}", kubelet::namespace(pod), kubelet::name(pod));
         let api: BTreeMap<&str, &ContainerStatus> = super::status::api_statuses(pod)
@@ -821,12 +929,15 @@ impl Agent {
                     pod: pod_key.clone(),
                     container: c.name.clone(),
                     creator: None,
-                    seen: now,
+                    seen,
+                    create_issued: None,
                     created: None,
                     started: None,
                     exited: None,
                     api_running: None,
                     api_terminated: None,
+                    running_written: None,
+                    terminated_written: None,
                 }
             });
             let before = t.clone();
@@ -1019,11 +1130,14 @@ mod tests {
             container: "dbg".into(),
             creator: Some(Creator::Agent),
             seen: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_500_000_001),
+            create_issued: None,
             created: None,
             started: None,
             exited: None,
             api_running: None,
             api_terminated: None,
+            running_written: None,
+            terminated_written: None,
         };
         let v = serde_json::to_value(&t).unwrap();
         assert_eq!(v["seen"], "1970-01-01T00:00:01.500000001Z");

@@ -82,6 +82,8 @@ pub struct Timings {
     pub create: Duration,
     /// StartContainer.
     pub start: Duration,
+    /// When CreateContainer was issued.
+    pub create_issued: SystemTime,
     /// When CreateContainer returned.
     pub created_at: SystemTime,
     /// When StartContainer returned.
@@ -195,6 +197,7 @@ pub async fn start_with(
     }
 
     let t1 = Instant::now();
+    let create_issued = SystemTime::now();
     let id = match cx
         .runtime
         .create_container(cx.sandbox_id, config, cx.sandbox_config.clone())
@@ -242,6 +245,7 @@ pub async fn start_with(
             image: image_took,
             create: create_took,
             start: start_took,
+            create_issued,
             created_at,
             started_at: SystemTime::now(),
         },

@@ -4,7 +4,7 @@
 //! way the kubelet does (from the file bound at `terminationMessagePath`, or
 //! the log tail for `FallbackToLogsOnError`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
@@ -118,13 +118,43 @@ pub async fn observe(
     pod_uid: &str,
     detail: &HashSet<&str>,
 ) -> Result<Observed, CriError> {
+    observe_known(rt, pod_uid, detail, &HashMap::new()).await
+}
+
+/// Containers whose details do not change while their state does not: a
+/// running container's start time and image, an exited one's exit code and
+/// messages. Another observation may reuse them instead of asking again.
+pub fn settled(observed: &Observed) -> HashMap<String, Container> {
+    observed
+        .containers
+        .iter()
+        .filter(|c| c.detailed && matches!(c.state, State::Running | State::Exited))
+        .map(|c| (c.id.clone(), c.clone()))
+        .collect()
+}
+
+/// [`observe`], reusing the details of `known` containers (from [`settled`])
+/// whose listed state is unchanged, so a steady pod costs two list calls
+/// however many ephemeral containers it has. The two lists, and the status
+/// calls still needed, go to the runtime concurrently.
+pub async fn observe_known(
+    rt: &dyn Runtime,
+    pod_uid: &str,
+    detail: &HashSet<&str>,
+    known: &HashMap<String, Container>,
+) -> Result<Observed, CriError> {
     let by_uid = BTreeMap::from([(kubelet::POD_UID_LABEL.to_string(), pod_uid.to_string())]);
-    let mut sandboxes: Vec<Sandbox> = rt
-        .list_pod_sandbox(Some(PodSandboxFilter {
+    let (listed_sandboxes, listed) = futures::try_join!(
+        rt.list_pod_sandbox(Some(PodSandboxFilter {
             label_selector: by_uid.clone().into_iter().collect(),
             ..Default::default()
-        }))
-        .await?
+        })),
+        rt.list_containers(Some(ContainerFilter {
+            label_selector: by_uid.into_iter().collect(),
+            ..Default::default()
+        })),
+    )?;
+    let mut sandboxes: Vec<Sandbox> = listed_sandboxes
         .into_iter()
         .map(|s| Sandbox {
             attempt: s.metadata.as_ref().map_or(0, |m| m.attempt),
@@ -135,68 +165,80 @@ pub async fn observe(
         .collect();
     sandboxes.sort_by_key(|s| std::cmp::Reverse(s.created_at));
 
-    let listed = rt
-        .list_containers(Some(ContainerFilter {
-            label_selector: by_uid.into_iter().collect(),
-            ..Default::default()
-        }))
-        .await?;
-    let mut containers = Vec::with_capacity(listed.len());
-    for c in listed {
-        let name = c
-            .labels
-            .get(kubelet::CONTAINER_NAME_LABEL)
-            .cloned()
-            .unwrap_or_default();
-        let mut info = Container {
-            id: c.id.clone(),
-            sandbox_id: c.pod_sandbox_id.clone(),
-            attempt: c.metadata.as_ref().map_or(0, |m| m.attempt),
-            state: State::from_cri(c.state),
-            created_at: c.created_at,
-            image: c
-                .image
-                .as_ref()
-                .map(|i| i.image.clone())
-                .unwrap_or_default(),
-            image_ref: c.image_ref.clone(),
-            name,
-            ..Default::default()
-        };
-        if detail.contains(info.name.as_str()) {
-            match rt.container_status(&c.id, false).await {
-                Ok(resp) => {
-                    if let Some(s) = resp.status {
-                        info.state = State::from_cri(s.state);
-                        info.started_at = s.started_at;
-                        info.finished_at = s.finished_at;
-                        info.exit_code = s.exit_code;
-                        info.reason = s.reason.clone();
-                        info.image = s
-                            .image
-                            .as_ref()
-                            .map(|i| i.image.clone())
-                            .unwrap_or(info.image);
-                        info.image_ref = s.image_ref.clone();
-                        info.message = s.message.clone();
-                        info.detailed = true;
-                        if info.state == State::Exited {
-                            info.message = full_message(&s);
-                        }
-                    }
-                }
-                // Removed between list and status: the next pass sees it gone.
-                Err(e) if e.code() == Some(tonic::Code::NotFound) => continue,
-                Err(e) => return Err(e),
+    let listed: Vec<Container> = listed
+        .into_iter()
+        .map(|c| {
+            let name = c
+                .labels
+                .get(kubelet::CONTAINER_NAME_LABEL)
+                .cloned()
+                .unwrap_or_default();
+            Container {
+                id: c.id.clone(),
+                sandbox_id: c.pod_sandbox_id.clone(),
+                attempt: c.metadata.as_ref().map_or(0, |m| m.attempt),
+                state: State::from_cri(c.state),
+                created_at: c.created_at,
+                image: c
+                    .image
+                    .as_ref()
+                    .map(|i| i.image.clone())
+                    .unwrap_or_default(),
+                image_ref: c.image_ref.clone(),
+                name,
+                ..Default::default()
             }
+        })
+        .collect();
+    let detailed = futures::future::join_all(listed.into_iter().map(|info| async move {
+        if !detail.contains(info.name.as_str()) {
+            return Ok(Some(info));
         }
-        containers.push(info);
+        if let Some(k) = known.get(&info.id).filter(|k| k.state == info.state) {
+            return Ok(Some(k.clone()));
+        }
+        details(rt, info).await
+    }))
+    .await;
+    let mut containers = Vec::with_capacity(detailed.len());
+    for c in detailed {
+        containers.extend(c?);
     }
     containers.sort_by_key(|c| std::cmp::Reverse(c.created_at));
     Ok(Observed {
         sandboxes,
         containers,
     })
+}
+
+/// `info` completed from ContainerStatus; `None` when it is gone already.
+async fn details(rt: &dyn Runtime, mut info: Container) -> Result<Option<Container>, CriError> {
+    match rt.container_status(&info.id, false).await {
+        Ok(resp) => {
+            if let Some(s) = resp.status {
+                info.state = State::from_cri(s.state);
+                info.started_at = s.started_at;
+                info.finished_at = s.finished_at;
+                info.exit_code = s.exit_code;
+                info.reason = s.reason.clone();
+                info.image = s
+                    .image
+                    .as_ref()
+                    .map(|i| i.image.clone())
+                    .unwrap_or(info.image);
+                info.image_ref = s.image_ref.clone();
+                info.message = s.message.clone();
+                info.detailed = true;
+                if info.state == State::Exited {
+                    info.message = full_message(&s);
+                }
+            }
+            Ok(Some(info))
+        }
+        // Removed between list and status: the next pass sees it gone.
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The runtime's message joined with the termination message (`msg: term`).
