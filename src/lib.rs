@@ -52,8 +52,14 @@ pub enum Error {
     #[error(transparent)]
     Cri(#[from] cri::CriError),
     /// The health listener could not bind.
-    #[error("health endpoint")]
-    Health(#[source] std::io::Error),
+    #[error("cannot serve /healthz, /readyz and /metrics on {addr} (--metrics-addr)")]
+    Health {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why it could not be bound.
+        #[source]
+        source: std::io::Error,
+    },
     /// The pod watch ended although no shutdown was asked for.
     #[error("the pod controller stopped unexpectedly")]
     ControllerStopped,
@@ -139,6 +145,16 @@ async fn run_inner(
     started: impl FnOnce(Handles),
 ) -> Result<(), Error> {
     let health = Arc::new(Mutex::new(Health::default()));
+    // Bound first: a port someone else holds is a clear error at start, not
+    // probes that fail later.
+    let listener = match config.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Health { addr, source })?,
+        ),
+        None => None,
+    };
     let runtime_name = wait_for_runtime(runtime.as_ref(), &health, &shutdown).await;
     let cluster: Arc<dyn Cluster> = Arc::new(KubeCluster::new(client.clone()));
 
@@ -198,7 +214,7 @@ async fn run_inner(
         });
     }
 
-    if let Some(addr) = config.metrics_addr {
+    if let Some(listener) = listener {
         let listener_health = health.clone();
         let m = metrics.clone();
         let cancel = shutdown.clone();
@@ -206,8 +222,8 @@ async fn run_inner(
         let timelines: observe::TimelineSource =
             Arc::new(move || serde_json::to_value(source.timelines()).unwrap_or_default());
         tasks.spawn(async move {
-            if let Err(e) = observe::serve(addr, listener_health, m, timelines, cancel).await {
-                tracing::error!(error = %e, %addr, "health endpoint failed");
+            if let Err(e) = observe::serve(listener, listener_health, m, timelines, cancel).await {
+                tracing::error!(error = %e, "health endpoint failed");
             }
         });
     }

@@ -161,3 +161,41 @@ async fn readyz_reports_the_mode_and_sigterm_drains_leaving_containers_alone() {
         "shutdown must not stop or remove anything: {touched:?}"
     );
 }
+
+/// A metrics address someone else holds (kube-scheduler's 10259 on a
+/// control-plane node, say) stops the agent at once with a message naming
+/// the address and the flag, instead of probes failing later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_metrics_address_is_a_clear_error_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = FakeRuntime::start(tmp.path());
+    let api = LocalApiServer::start().await.unwrap();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = tokio::task::spawn_blocking({
+        let (kubeconfig, endpoint, addr) = (kubeconfig.clone(), fake.endpoint(), addr.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_ephemerald"))
+                .args(["run", "--node-name", "node-a", "--mode", "start"])
+                .args(["--kubeconfig", &kubeconfig.display().to_string()])
+                .args(["--cri-endpoint", &endpoint, "--containerd-socket", ""])
+                .args(["--metrics-addr", &addr])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot serve /healthz, /readyz and /metrics on {addr} (--metrics-addr)"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("in use"), "the OS's reason: {err}");
+    drop(taken);
+}

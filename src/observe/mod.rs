@@ -5,7 +5,6 @@
 //! Phase names of `ephemerald_start_phase_seconds` (see [`phase`]) follow
 //! one container from the watch event to its terminated status.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -250,7 +249,7 @@ pub type TimelineSource = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 /// Serves `/healthz`, `/readyz`, `/metrics` and `/timelines` (each
 /// ephemeral container's timeline, whoever started it) until cancelled.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     health: SharedHealth,
     metrics: Arc<Metrics>,
     timelines: TimelineSource,
@@ -284,7 +283,6 @@ pub async fn serve(
             get(|State((_, m)): State<(SharedHealth, Arc<Metrics>)>| async move { m.encode() }),
         )
         .with_state((health, metrics));
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /readyz, /metrics, /timelines");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
