@@ -342,7 +342,7 @@ impl LocalApiServer {
     }
 
     /// How often watches with `allowWatchBookmarks=true` get a BOOKMARK
-    /// (default 1 s; kube-apiserver sends one about every minute). Applies
+    /// (default 1 min, as kube-apiserver's watch cache). Applies
     /// to watches started afterwards.
     pub fn set_bookmark_interval(&self, every: Duration) {
         self.store.set_bookmark_interval(every);

@@ -401,7 +401,7 @@ impl Store {
         Store {
             state: Mutex::new(state),
             notify: watch::channel(0).0,
-            bookmark_ms: AtomicU64::new(1000),
+            bookmark_ms: AtomicU64::new(60_000),
         }
     }
 
