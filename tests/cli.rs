@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use ephemerald::testbed::apiserver::LocalApiServer;
 use ephemerald::testbed::fake_cri::FakeRuntime;
+use ephemerald::testbed::http_get;
 
 fn ephemerald(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ephemerald"))
@@ -66,23 +67,6 @@ fn help_exits_0() {
     }
 }
 
-/// A plain HTTP/1.0 GET (no client dependency): status code and body.
-async fn get(url: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}")))?;
-    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_reports_the_mode_and_sigterm_drains_leaving_containers_alone() {
     let tmp = tempfile::tempdir().unwrap();
@@ -115,7 +99,7 @@ async fn readyz_reports_the_mode_and_sigterm_drains_leaving_containers_alone() {
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let body = loop {
-        if let Some((200, body)) = get(&format!("http://{health}/readyz")).await {
+        if let Some((200, body)) = http_get(&health, "/readyz").await {
             break body;
         }
         assert!(Instant::now() < deadline, "/readyz never became ready");
@@ -126,10 +110,10 @@ async fn readyz_reports_the_mode_and_sigterm_drains_leaving_containers_alone() {
         "{body}"
     );
     assert!(body.contains("runtime: containerd"), "{body}");
-    let (code, metrics) = get(&format!("http://{health}/metrics")).await.unwrap();
+    let (code, metrics) = http_get(&health, "/metrics").await.unwrap();
     assert_eq!(code, 200);
     assert!(metrics.contains("ephemerald_starting 1"), "{metrics}");
-    let (code, timelines) = get(&format!("http://{health}/timelines")).await.unwrap();
+    let (code, timelines) = http_get(&health, "/timelines").await.unwrap();
     assert_eq!(
         (code, timelines.as_str()),
         (200, "[]"),

@@ -12,10 +12,13 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{app_pod, debug_container, host_pid, log_text, pid_ns, running, runtime_ids};
+use common::{
+    app_pod, debug_container, host_pid, log_text, pid_ns, proc_status, running, runtime_ids,
+};
 use ephemerald::cri::Runtime;
 use ephemerald::cri::proto::ContainerState;
 use ephemerald::kubelet;
+use ephemerald::testbed::http_get;
 use ephemerald::testbed::images::{self, AGENT_IMAGE};
 use ephemerald::testbed::pod_runner::make_rshared;
 use ephemerald::testbed::stack::Stack;
@@ -226,32 +229,6 @@ fn node_ip() -> std::net::IpAddr {
     s.local_addr().unwrap().ip()
 }
 
-/// A plain HTTP/1.0 GET: status code and body.
-async fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
-}
-
-/// A line's value from `/proc/<pid>/status`, e.g. `CapEff`.
-fn status_field(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
-}
-
 /// A namespace link of a host process, e.g. `mnt:[4026531840]`.
 fn ns(pid: u32, kind: &str) -> String {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
@@ -325,7 +302,7 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
     let ready_addr = format!("{}:{ready_port}", node_ip());
     let deadline = Instant::now() + WAIT;
     let body = loop {
-        if let Some((200, body)) = get(&ready_addr, "/readyz").await {
+        if let Some((200, body)) = http_get(&ready_addr, "/readyz").await {
             break body;
         }
         let state = stack.cri.container_status(&agent_id, false).await.unwrap();
@@ -351,7 +328,7 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
     );
     let live_addr = format!("{}:{live_port}", node_ip());
     assert_eq!(
-        get(&live_addr, "/healthz").await,
+        http_get(&live_addr, "/healthz").await,
         Some((200, "ok\n".into())),
         "/healthz"
     );
@@ -376,8 +353,8 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
     );
     // privileged: every capability, as this (root) test process has.
     assert_eq!(
-        status_field(agent_pid, "CapEff"),
-        status_field(me, "CapEff"),
+        proc_status(agent_pid, "CapEff"),
+        proc_status(me, "CapEff"),
         "privileged"
     );
     // HostToContainer: a mount made below the pods dir after the agent

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{
-    AgentProc, app_pod, debug_container, host_pid, running, runtime_ids, stack, status_of,
-    terminated,
+    AgentProc, app_pod, debug_container, host_pid, proc_status, running, runtime_ids, stack,
+    status_of, terminated,
 };
 use ephemerald::cri::Runtime;
 use ephemerald::kubelet;
@@ -558,16 +558,6 @@ async fn kubectl_debug_custom_reads_the_apps_empty_dir_with_env_from_the_api() {
     );
     assert_eq!(log.trim(), "written-by-the-app\nlevel=debug token=t0ken");
     stack.teardown().await.unwrap();
-}
-
-/// One line of `/proc/PID/status`, e.g. `CapEff` → `000001ffffffffff`.
-fn proc_status(pid: u32, key: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .unwrap_or_else(|| panic!("{key} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
 }
 
 fn cap_bits(hex: &str) -> u64 {

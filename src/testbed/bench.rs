@@ -26,7 +26,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::apiserver::LocalApiServer;
@@ -1095,7 +1094,7 @@ impl AgentProcess {
     async fn wait_ready(&self) -> Result<Duration, BenchError> {
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Some((200, _)) = http_get(self.addr, "/readyz").await {
+            if let Some((200, _)) = super::http_get(&self.addr.to_string(), "/readyz").await {
                 return Ok(self.spawned.elapsed());
             }
             if Instant::now() > deadline {
@@ -1109,7 +1108,7 @@ impl AgentProcess {
     }
 
     async fn timelines(&self) -> Result<Vec<serde_json::Value>, BenchError> {
-        let (code, body) = http_get(self.addr, "/timelines")
+        let (code, body) = super::http_get(&self.addr.to_string(), "/timelines")
             .await
             .ok_or_else(|| BenchError::Failed("GET /timelines: no answer".into()))?;
         if code != 200 {
@@ -1166,20 +1165,6 @@ impl AgentProcess {
             let _ = self.child.kill().await;
         }
     }
-}
-
-/// A plain HTTP/1.0 GET; `None` when nothing answered.
-async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
 }
 
 fn find<'a>(

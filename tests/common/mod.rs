@@ -295,3 +295,13 @@ pub async fn runtime_ids(rt: &dyn Runtime, pod: &Pod, name: &str) -> Vec<String>
         .map(|c| c.id)
         .collect()
 }
+
+/// One field of `/proc/PID/status`, e.g. `CapEff` → `000001ffffffffff`.
+pub fn proc_status(pid: u32, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
