@@ -35,7 +35,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, ContainerPort, ContainerStatus, EphemeralContainer, Event, ExecAction,
     Lifecycle, LifecycleHandler, LocalObjectReference, Node, PersistentVolume,
-    PersistentVolumeClaim, Pod, PodSpec, ResourceRequirements, Secret, VolumeMount,
+    PersistentVolumeClaim, Pod, ResourceRequirements, Secret, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -487,26 +487,9 @@ impl Bed {
 // Pods, containers and statuses.
 
 fn app_pod(name: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("default".into()),
-            labels: Some(BTreeMap::from([("app".into(), name.into())])),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(NODE.into()),
-            termination_grace_period_seconds: Some(1),
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some(APP_IMAGE.into()),
-                image_pull_policy: Some("Never".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        status: None,
-    }
+    let mut pod = ephemerald::testbed::images::app_pod(name);
+    pod.spec.get_or_insert_default().node_name = Some(NODE.into());
+    pod
 }
 
 /// A busybox ephemeral container, as `kubectl debug -it --image=busybox` makes it.

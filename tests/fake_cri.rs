@@ -4,7 +4,7 @@
 //! assertion holds here, so component tests built on the fake judge the
 //! agent against what a node really answers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,8 +24,7 @@ use ephemerald::testbed::fake_cri::{FakeImage, FakeRuntime, OnTerm, RPCS};
 use ephemerald::testbed::images::{APP_IMAGE, BUSYBOX_IMAGE};
 use ephemerald::testbed::pod_runner::{PodRunner, RunningPod};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::{EphemeralContainer, Pod};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -114,27 +113,13 @@ impl Bed {
 }
 
 fn app_pod(name: &str, host_network: bool) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("default".into()),
-            uid: Some(format!("{name}-uid")),
-            labels: Some(BTreeMap::from([("app".into(), name.into())])),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some("node-a".into()),
-            host_network: Some(host_network),
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some(APP_IMAGE.into()),
-                image_pull_policy: Some("Never".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        status: None,
-    }
+    let mut pod = ephemerald::testbed::images::app_pod(name);
+    pod.metadata.uid = Some(format!("{name}-uid"));
+    let spec = pod.spec.get_or_insert_default();
+    spec.node_name = Some("node-a".into());
+    spec.host_network = Some(host_network);
+    spec.termination_grace_period_seconds = None;
+    pod
 }
 
 fn debug_container(name: &str, target: Option<&str>) -> EphemeralContainer {

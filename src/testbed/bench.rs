@@ -20,8 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::{EphemeralContainer, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
@@ -888,25 +887,9 @@ async fn report_running(
 }
 
 fn app_pod(name: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("default".into()),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            host_network: Some(true),
-            termination_grace_period_seconds: Some(1),
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some(APP_IMAGE.into()),
-                image_pull_policy: Some("Never".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        status: None,
-    }
+    let mut pod = super::images::app_pod(name);
+    pod.spec.get_or_insert_default().host_network = Some(true);
+    pod
 }
 
 /// A `kubectl debug --target=app`-style container running `script`.

@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::{Container, ContainerStatus, EphemeralContainer, Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::{ContainerStatus, EphemeralContainer, Pod};
 use tokio_util::sync::CancellationToken;
 
 use super::containerd::{Containerd, ContainerdOpts};
@@ -249,25 +248,7 @@ async fn demo_body(stack: &Stack, say: &dyn Fn(String)) -> Result<Report, DemoEr
 }
 
 fn app_pod() -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(POD.into()),
-            namespace: Some("default".into()),
-            labels: Some(BTreeMap::from([("app".into(), POD.into())])),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            termination_grace_period_seconds: Some(1),
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some(APP_IMAGE.into()),
-                image_pull_policy: Some("Never".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        status: None,
-    }
+    super::images::app_pod(POD)
 }
 
 fn timings(

@@ -682,6 +682,34 @@ pub(crate) fn run(cmd: &mut Command, program: &'static str) -> Result<String, Te
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// A pod as a client would create it, in `default`, labelled `app=NAME`,
+/// running [`APP_IMAGE`] as container `app` (pull policy `Never`: it is only
+/// on the node), with a 1 s termination grace. Callers add the node, the
+/// network mode or a uid as they need.
+pub fn app_pod(name: &str) -> k8s_openapi::api::core::v1::Pod {
+    use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            labels: Some([("app".to_string(), name.to_string())].into()),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            termination_grace_period_seconds: Some(1),
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some(APP_IMAGE.into()),
+                image_pull_policy: Some("Never".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

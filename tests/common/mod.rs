@@ -4,7 +4,6 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,8 +13,7 @@ use ephemerald::cri::{CriClient, Runtime};
 use ephemerald::reconcile::translate::NodeDirs;
 use ephemerald::testbed::containerd::{Containerd, ContainerdOpts};
 use ephemerald::testbed::pod_runner::PodRunner;
-use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::{EphemeralContainer, Pod};
 
 /// A running containerd with the project's images, and a pod runner on it.
 pub struct Bed {
@@ -69,30 +67,15 @@ impl Bed {
 /// A pod as the API server would store it, bound to `node-a`, running the
 /// shell-less app image as container `app` on the host network.
 pub fn app_pod(name: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("default".into()),
-            uid: Some(format!("{name}-{}", std::process::id())),
-            labels: Some(BTreeMap::from([("app".into(), name.into())])),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some("node-a".into()),
-            host_network: Some(true),
-            termination_grace_period_seconds: Some(1),
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some(ephemerald::testbed::images::APP_IMAGE.into()),
-                image_pull_policy: Some("Never".into()),
-                termination_message_path: Some("/dev/termination-log".into()),
-                termination_message_policy: Some("File".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        status: None,
-    }
+    let mut pod = ephemerald::testbed::images::app_pod(name);
+    pod.metadata.uid = Some(format!("{name}-{}", std::process::id()));
+    let spec = pod.spec.get_or_insert_default();
+    spec.node_name = Some("node-a".into());
+    spec.host_network = Some(true);
+    let app = &mut spec.containers[0];
+    app.termination_message_path = Some("/dev/termination-log".into());
+    app.termination_message_policy = Some("File".into());
+    pod
 }
 
 /// A busybox ephemeral container running `sh -c SCRIPT`.
