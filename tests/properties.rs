@@ -353,6 +353,7 @@ fn dirs() -> NodeDirs {
         pod_logs: PathBuf::from("/var/log/pods"),
         pods: PathBuf::from("/var/lib/kubelet/pods"),
         seccomp: PathBuf::from("/var/lib/kubelet/seccomp"),
+        ..Default::default()
     }
 }
 

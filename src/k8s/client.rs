@@ -5,10 +5,10 @@ use std::time::SystemTime;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerStatus, Event, EventSource, Node, ObjectReference, PersistentVolume,
-    PersistentVolumeClaim, Pod, Secret,
+    PersistentVolumeClaim, Pod, Secret, Service,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -134,6 +134,23 @@ impl Cluster for KubeCluster {
         api.get_opt(name)
             .await
             .map_err(|e| K8sError::from_kube("get", format!("node {name}"), e))
+    }
+
+    async fn service(&self, namespace: &str, name: &str) -> Result<Option<Service>, K8sError> {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
+        api.get_opt(name)
+            .await
+            .map_err(|e| K8sError::from_kube("get", format!("service {namespace}/{name}"), e))
+    }
+
+    async fn services(&self, namespace: &str) -> Result<Vec<Service>, K8sError> {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
+        // One page of everything: a namespace's Services are few, and the
+        // kubelet's lister holds them all too.
+        api.list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .map_err(|e| K8sError::from_kube("list", format!("services in {namespace}"), e))
     }
 
     async fn persistent_volume(&self, name: &str) -> Result<Option<PersistentVolume>, K8sError> {

@@ -78,6 +78,8 @@ impl Stack {
             pod_logs: containerd.pod_logs_dir(),
             pods: containerd.pods_dir(),
             seccomp: containerd.dir().join("seccomp"),
+            container_logs: containerd.dir().join("containers"),
+            host: crate::reconcile::host::HostFacts::detect(),
         };
         let runner = PodRunner::new(
             cri.clone() as Arc<dyn Runtime>,

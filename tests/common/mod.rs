@@ -44,6 +44,8 @@ impl Bed {
             pod_logs: containerd.pod_logs_dir(),
             pods: containerd.pods_dir(),
             seccomp: containerd.dir().join("seccomp"),
+            container_logs: containerd.dir().join("containers"),
+            host: ephemerald::reconcile::host::HostFacts::detect(),
         };
         let runner = PodRunner::new(
             cri.clone() as Arc<dyn Runtime>,
