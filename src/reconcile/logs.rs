@@ -15,6 +15,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use super::translate::NodeDirs;
 use crate::cri::proto::ContainerState;
 use crate::cri::{CriError, Runtime};
 use crate::kubelet;
@@ -94,6 +95,22 @@ pub async fn sweep(runtime: &dyn Runtime, dir: &Path, pod_logs: &Path) -> Result
         }
     }
     Ok(out)
+}
+
+/// [`sweep`] of the node's container logs directory, logged; a runtime
+/// that does not answer is tried again at the next sweep.
+pub async fn sweep_node(runtime: &dyn Runtime, dirs: &NodeDirs) {
+    match sweep(runtime, &dirs.container_logs, &dirs.pod_logs).await {
+        Ok(s) => {
+            for link in &s.removed {
+                tracing::info!(link = %link.display(), "removed the legacy log symlink of a container that is gone");
+            }
+            for (link, e) in &s.failed {
+                tracing::warn!(link = %link.display(), error = %e, "failed to remove a legacy log symlink");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "legacy log symlinks not swept: the runtime did not answer"),
+    }
 }
 
 fn candidates(dir: &Path, pod_logs: &Path) -> Vec<Candidate> {

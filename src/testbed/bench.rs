@@ -674,6 +674,8 @@ async fn scale_run(opts: &BenchOpts, pods: usize) -> Result<Scale, BenchError> {
         "",
         "--pod-logs-dir",
         &dirs.pod_logs.display().to_string(),
+        "--container-logs-dir",
+        &dirs.container_logs.display().to_string(),
         "--kubelet-root-dir",
         &dir.join("kubelet").display().to_string(),
         "--mode",

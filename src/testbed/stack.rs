@@ -137,6 +137,8 @@ impl Stack {
             &self.containerd.socket().display().to_string(),
             "--pod-logs-dir",
             &dirs.pod_logs.display().to_string(),
+            "--container-logs-dir",
+            &dirs.container_logs.display().to_string(),
             "--kubelet-root-dir",
             &kubelet_root,
             "--mode",

@@ -6,7 +6,8 @@
 //!
 //! What it owns: pods, events (core/v1 and the events.k8s.io/v1 view of
 //! them), secrets, configmaps, persistentvolumeclaims, persistentvolumes
-//! and nodes (both cluster-scoped: create, get, list) and `coordination.k8s.io/v1` leases,
+//! and nodes (both cluster-scoped: create, get, list), services (defaulted
+//! and given a cluster IP, see `services.rs`) and `coordination.k8s.io/v1` leases,
 //! in memory, under one global resourceVersion counter like etcd's
 //! revision. Namespaces are implicit (every name exists).
 //!
@@ -52,6 +53,7 @@ mod discovery;
 mod http;
 mod patch;
 mod select;
+mod services;
 mod status;
 mod store;
 mod table;
