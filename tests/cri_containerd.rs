@@ -432,8 +432,8 @@ async fn created_container_looks_like_the_kubelets_and_reserves_nothing() {
         .map(|l| l.iter().filter_map(|h| h["page_size"].as_str()).collect())
         .unwrap_or_default();
     assert_eq!(sizes, bed.dirs.host.hugepage_sizes, "{sent}");
-    let hugetlb_controller = std::path::Path::new("/sys/fs/cgroup/hugetlb").exists()
-        || bed.dirs.host.cgroup2;
+    let hugetlb_controller =
+        std::path::Path::new("/sys/fs/cgroup/hugetlb").exists() || bed.dirs.host.cgroup2;
     assert_eq!(
         !resources["hugepageLimits"].is_null(),
         hugetlb_controller && !sizes.is_empty(),
@@ -494,7 +494,10 @@ async fn legacy_log_symlink_points_at_the_runtimes_log_and_goes_with_the_contain
         let mut pod = app_pod(name);
         // A UID as long as the API server's, so that the pod's log
         // directory name stays within the file-name limit.
-        pod.metadata.uid = Some(format!("{i:08}-{:04}-4000-8000-000000000000", std::process::id() % 10_000));
+        pod.metadata.uid = Some(format!(
+            "{i:08}-{:04}-4000-8000-000000000000",
+            std::process::id() % 10_000
+        ));
         let running = bed.runner.run(&pod).await.expect("pod runs");
         let dbg = debug_container("dbg", Some("app"), "echo hello-from-dbg; sleep 60");
         let id = started_id(
@@ -519,15 +522,29 @@ async fn legacy_log_symlink_points_at_the_runtimes_log_and_goes_with_the_contain
         }
         let log = log_path(&bed, &pod, "dbg");
         assert_eq!(std::fs::read_link(&link).unwrap(), log);
-        let status = bed.cri.container_status(&id, false).await.unwrap().status.unwrap();
-        assert_eq!(status.log_path, log.display().to_string(), "the file the runtime writes");
+        let status = bed
+            .cri
+            .container_status(&id, false)
+            .await
+            .unwrap()
+            .status
+            .unwrap();
+        assert_eq!(
+            status.log_path,
+            log.display().to_string(),
+            "the file the runtime writes"
+        );
         eventually("the output through the link", WAIT, || async {
             log_text(&link)?.contains("hello-from-dbg").then_some(())
         })
         .await;
         links.push((link, id, log));
     }
-    assert_eq!(sweep().await.unwrap().removed, Vec::<std::path::PathBuf>::new(), "all alive");
+    assert_eq!(
+        sweep().await.unwrap().removed,
+        Vec::<std::path::PathBuf>::new(),
+        "all alive"
+    );
 
     // Log briefly gone while running (rotation): kept.
     let (link, id, log) = links[0].clone();
@@ -538,7 +555,10 @@ async fn legacy_log_symlink_points_at_the_runtimes_log_and_goes_with_the_contain
     // Exited with its log: kept; exited with the log gone: removed.
     bed.cri.stop_container(&id, 0).await.unwrap();
     wait_state(&bed, &id, ContainerState::ContainerExited).await;
-    assert!(sweep().await.unwrap().removed.is_empty(), "exited, log there: kept");
+    assert!(
+        sweep().await.unwrap().removed.is_empty(),
+        "exited, log there: kept"
+    );
     std::fs::remove_file(&log).unwrap();
     assert_eq!(sweep().await.unwrap().removed, [link.clone()]);
     assert!(std::fs::symlink_metadata(&link).is_err());
@@ -550,7 +570,10 @@ async fn legacy_log_symlink_points_at_the_runtimes_log_and_goes_with_the_contain
     assert_eq!(sweep().await.unwrap().removed, [link.clone()]);
     assert!(std::fs::symlink_metadata(&link).is_err());
 
-    assert!(std::fs::symlink_metadata(&foreign).is_ok(), "a link elsewhere is not ours");
+    assert!(
+        std::fs::symlink_metadata(&foreign).is_ok(),
+        "a link elsewhere is not ours"
+    );
     assert_eq!(std::fs::read_to_string(&plain).unwrap(), "not a link");
     bed.stop().await;
 }

@@ -432,13 +432,8 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
 
     // The legacy log symlink, made by the containerized agent in the
     // mounted container logs directory, points at dbg's log on the host.
-    let link = kubelet::legacy_log_symlink(
-        &stack.dirs.container_logs,
-        "web",
-        "default",
-        "dbg",
-        &dbg_id,
-    );
+    let link =
+        kubelet::legacy_log_symlink(&stack.dirs.container_logs, "web", "default", "dbg", &dbg_id);
     assert_eq!(
         std::fs::read_link(&link).unwrap_or_else(|e| panic!("{}: {e}", link.display())),
         kubelet::container_log_dir(&stack.dirs.pod_logs, &web, "dbg").join("0.log"),

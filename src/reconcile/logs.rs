@@ -109,7 +109,9 @@ pub async fn sweep_node(runtime: &dyn Runtime, dirs: &NodeDirs) {
                 tracing::warn!(link = %link.display(), error = %e, "failed to remove a legacy log symlink");
             }
         }
-        Err(e) => tracing::debug!(error = %e, "legacy log symlinks not swept: the runtime did not answer"),
+        Err(e) => {
+            tracing::debug!(error = %e, "legacy log symlinks not swept: the runtime did not answer")
+        }
     }
 }
 

@@ -95,7 +95,8 @@ mod tests {
         default_service(&mut next, &taken);
         assert_eq!(next["spec"]["clusterIP"], "10.96.0.3");
 
-        let mut kubernetes = json!({"spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443}]}});
+        let mut kubernetes =
+            json!({"spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443}]}});
         assert!(default_service(&mut kubernetes, &taken).is_empty());
         assert_eq!(kubernetes["spec"]["clusterIP"], "10.96.0.1");
 
