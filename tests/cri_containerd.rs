@@ -560,14 +560,14 @@ async fn legacy_log_symlink_points_at_the_runtimes_log_and_goes_with_the_contain
         "exited, log there: kept"
     );
     std::fs::remove_file(&log).unwrap();
-    assert_eq!(sweep().await.unwrap().removed, [link.clone()]);
+    assert_eq!(sweep().await.unwrap().removed, std::slice::from_ref(&link));
     assert!(std::fs::symlink_metadata(&link).is_err());
 
     // Removed from the runtime (log still there): removed.
     let (link, id, _) = links[1].clone();
     bed.cri.stop_container(&id, 0).await.unwrap();
     bed.cri.remove_container(&id).await.unwrap();
-    assert_eq!(sweep().await.unwrap().removed, [link.clone()]);
+    assert_eq!(sweep().await.unwrap().removed, std::slice::from_ref(&link));
     assert!(std::fs::symlink_metadata(&link).is_err());
 
     assert!(

@@ -15,6 +15,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::api::core::v1::Pod;
+
 use super::translate::NodeDirs;
 use crate::cri::proto::ContainerState;
 use crate::cri::{CriError, Runtime};
@@ -45,6 +47,39 @@ pub fn link(
     std::fs::create_dir_all(dir)?;
     std::os::unix::fs::symlink(log_file, &path)?;
     Ok(Some(path))
+}
+
+/// [`link`] for a container started outside the start path (one left
+/// created by a creator that died), its log file as the runtime reports
+/// it; a failure is logged.
+pub async fn link_started(
+    runtime: &dyn Runtime,
+    dirs: &NodeDirs,
+    pod: &Pod,
+    container: &str,
+    container_id: &str,
+) {
+    let log = match runtime.container_status(container_id, false).await {
+        Ok(r) => r.status.map(|s| s.log_path).unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(container, id = container_id, error = %e, "no log path for the legacy symbolic link");
+            return;
+        }
+    };
+    if log.is_empty() {
+        return;
+    }
+    let made = link(
+        &dirs.container_logs,
+        kubelet::name(pod),
+        kubelet::namespace(pod),
+        container,
+        container_id,
+        Path::new(&log),
+    );
+    if let Err(e) = made {
+        tracing::warn!(container, id = container_id, log = %log, error = %e, "failed to create legacy symbolic link");
+    }
 }
 
 /// What [`sweep`] did.

@@ -393,8 +393,10 @@ mod tests {
         })
     }
 
+    type Pairs<'a> = &'a [(&'a str, &'a str)];
+
     /// A pod whose regular containers have these (requests, limits).
-    fn pod(containers: &[(&[(&str, &str)], &[(&str, &str)])]) -> Pod {
+    fn pod(containers: &[(Pairs<'_>, Pairs<'_>)]) -> Pod {
         Pod {
             spec: Some(PodSpec {
                 containers: containers

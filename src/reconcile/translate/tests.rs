@@ -686,7 +686,14 @@ fn masked_and_read_only_paths_follow_proc_mount() {
         .collect();
     let with_thermal: Vec<String> = defaults.iter().cloned().chain([thermal.clone()]).collect();
     // (rule, procMount, the host's thermal_throttle dirs, masked, read-only)
-    let table: [(&str, Option<&str>, Vec<String>, Vec<String>, Vec<String>); 4] = [
+    type Row<'a> = (
+        &'a str,
+        Option<&'a str>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+    );
+    let table: [Row; 4] = [
         (
             "no procMount: the defaults",
             None,
