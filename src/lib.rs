@@ -18,7 +18,6 @@ pub mod k8s;
 pub mod kubelet;
 pub mod observe;
 pub mod reconcile;
-pub mod testbed;
 pub mod validation;
 
 use std::sync::{Arc, Mutex};

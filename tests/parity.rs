@@ -21,10 +21,10 @@ use ephemerald::cri::proto::ImageSpec;
 use ephemerald::kubelet;
 use ephemerald::reconcile::agent::{Agent, Creator};
 use ephemerald::reconcile::translate::{self, HostFiles, ResolvedImage};
-use ephemerald::testbed::images::BUSYBOX_IMAGE;
-use ephemerald::testbed::pod_runner::RunningPod;
-use ephemerald::testbed::stack::Stack;
 use ephemerald::validation;
+use ephemerald_testbed::images::BUSYBOX_IMAGE;
+use ephemerald_testbed::pod_runner::RunningPod;
+use ephemerald_testbed::stack::Stack;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerStatus, EnvVar, EphemeralContainer, Pod, ResourceRequirements, Service,

@@ -37,7 +37,7 @@ impl HostFacts {
 
     fn detect_under(root: &Path) -> HostFacts {
         let read = |p: &str| std::fs::read_to_string(root.join(p)).ok();
-        let cgroup2 = cgroup2_mounted(&root.join("sys/fs/cgroup"));
+        let cgroup2 = read("proc/self/mounts").is_some_and(|m| cgroup2_mounted(&m));
         let swap_controller = if cgroup2 {
             read("proc/self/cgroup")
                 .and_then(|c| unified_cgroup(&c).map(str::to_string))
@@ -83,9 +83,19 @@ impl HostFacts {
     }
 }
 
-fn cgroup2_mounted(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path)
-        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+/// Whether the mount at `/sys/fs/cgroup` is cgroup2 (runc's
+/// `IsCgroup2UnifiedMode` asks statfs; the topmost mount there, the last
+/// listed in `/proc/self/mounts`, is what statfs sees).
+fn cgroup2_mounted(mounts: &str) -> bool {
+    mounts
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, at, fstype) = (f.next()?, f.next()?, f.next()?);
+            (at == "/sys/fs/cgroup").then_some(fstype)
+        })
+        == Some("cgroup2")
 }
 
 /// The path of the unified hierarchy's line (`0::/path`) of `/proc/self/cgroup`.

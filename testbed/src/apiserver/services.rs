@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 
 use serde_json::{Value, json};
 
-use crate::validation::FieldError;
+use ephemerald::validation::FieldError;
 
 /// The service CIDR's base (kubeadm's and kind's default `10.96.0.0/12`).
 const BASE: u32 = u32::from_be_bytes([10, 96, 0, 0]);
