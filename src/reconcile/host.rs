@@ -87,15 +87,11 @@ impl HostFacts {
 /// `IsCgroup2UnifiedMode` asks statfs; the topmost mount there, the last
 /// listed in `/proc/self/mounts`, is what statfs sees).
 fn cgroup2_mounted(mounts: &str) -> bool {
-    mounts
-        .lines()
-        .rev()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, at, fstype) = (f.next()?, f.next()?, f.next()?);
-            (at == "/sys/fs/cgroup").then_some(fstype)
-        })
-        == Some("cgroup2")
+    mounts.lines().rev().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, fstype) = (f.next()?, f.next()?, f.next()?);
+        (at == "/sys/fs/cgroup").then_some(fstype)
+    }) == Some("cgroup2")
 }
 
 /// The path of the unified hierarchy's line (`0::/path`) of `/proc/self/cgroup`.

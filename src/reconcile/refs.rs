@@ -11,6 +11,8 @@
 //! reads (the master service, the pod's namespace) run alongside the
 //! others, and they always see the current Services, where the kubelet's
 //! cached lister may lag behind a Service created just before the pod.
+//! While the API server does not answer, [`crate::k8s::KubeCluster`] gives
+//! the answer of the same read last time, as the kubelet's cache would.
 
 use k8s_openapi::api::core::v1::{EphemeralContainer, PersistentVolume, Pod, Service};
 
