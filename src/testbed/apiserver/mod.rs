@@ -50,6 +50,8 @@
 
 mod discovery;
 mod http;
+mod kinds;
+mod object_watch;
 mod patch;
 mod select;
 mod status;
