@@ -280,11 +280,7 @@ async fn run_inner(
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     // Once the mode turns to starting, every pod with ephemeral containers
     // gets a pass now, not at its next resync.
-    let (flip_store, mut flips, cancel) = (
-        controller.store(),
-        mode.subscribe(),
-        shutdown.clone(),
-    );
+    let (flip_store, mut flips, cancel) = (controller.store(), mode.subscribe(), shutdown.clone());
     tasks.spawn(async move {
         let mut was = flips.borrow_and_update().starting;
         loop {
@@ -295,7 +291,11 @@ async fn run_inner(
             let now = flips.borrow_and_update().starting;
             if now && !was {
                 for pod in flip_store.state() {
-                    if pod.spec.as_ref().is_some_and(|s| s.ephemeral_containers.as_ref().is_some_and(|v| !v.is_empty())) {
+                    if pod.spec.as_ref().is_some_and(|s| {
+                        s.ephemeral_containers
+                            .as_ref()
+                            .is_some_and(|v| !v.is_empty())
+                    }) {
                         let _ = flip_requeue.send(ObjectRef::from_obj(pod.as_ref())).await;
                     }
                 }

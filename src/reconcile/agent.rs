@@ -454,8 +454,12 @@ impl Agent {
             // API holds them.
             let ours = self.created_here(uid);
             if !ours.is_empty() {
-                let computed =
-                    status::ephemeral_statuses(pod, &observed, &BTreeMap::new(), &self.runtime_name);
+                let computed = status::ephemeral_statuses(
+                    pod,
+                    &observed,
+                    &BTreeMap::new(),
+                    &self.runtime_name,
+                );
                 let statuses = status::ours_where_behind(pod, &computed, &ours);
                 self.write_statuses(pod, uid, statuses).await?;
             }

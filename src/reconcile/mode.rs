@@ -395,10 +395,7 @@ async fn keep_deciding(
                 rule: d.rule.label().into(),
             })
             .set(1);
-        health
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .mode = gate.describe();
+        health.lock().unwrap_or_else(|e| e.into_inner()).mode = gate.describe();
         if seen.settled() && first.is_none() && changed {
             metrics
                 .mode_changes
@@ -537,7 +534,10 @@ mod tests {
             },
             Case {
                 name: "a watch failed: cannot tell, start nothing",
-                evidence: evidence(Seen::Unknown("cannot watch Lease: 503".into()), Seen::Absent),
+                evidence: evidence(
+                    Seen::Unknown("cannot watch Lease: 503".into()),
+                    Seen::Absent,
+                ),
                 start: false,
                 rule: Rule::CannotTell,
                 recheck_at: None,
@@ -672,7 +672,10 @@ mod tests {
     #[test]
     fn a_kubelet_dying_is_seen_when_the_last_window_runs_out() {
         // Lease for 10 s and a heartbeat that stays fresh 3 s longer.
-        let e = evidence(lease(Some(at(0)), Some(10)), node(true, Some(at(13) - NODE_MONITOR_GRACE_PERIOD)));
+        let e = evidence(
+            lease(Some(at(0)), Some(10)),
+            node(true, Some(at(13) - NODE_MONITOR_GRACE_PERIOD)),
+        );
         let w = Windows::default();
         let d = decide(&e, at(5), &w);
         assert_eq!((d.start, d.recheck_at), (false, Some(at(13))));

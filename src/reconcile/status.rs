@@ -542,7 +542,10 @@ mod tests {
             ),
             (
                 "the losing kubelet shows ours waiting: ours replaces it",
-                vec![entry("mine", Some("CreateContainerError")), entry("theirs", Some("running"))],
+                vec![
+                    entry("mine", Some("CreateContainerError")),
+                    entry("theirs", Some("running")),
+                ],
                 vec![mine.clone(), entry("theirs", Some("running"))],
             ),
             (

@@ -949,7 +949,15 @@ async fn cluster_patch(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    obj_patch(&app, Target::core(&resource), "", &name, &q, &headers, &body)
+    obj_patch(
+        &app,
+        Target::core(&resource),
+        "",
+        &name,
+        &q,
+        &headers,
+        &body,
+    )
 }
 
 async fn cluster_delete(

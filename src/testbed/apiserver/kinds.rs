@@ -24,7 +24,8 @@ pub(crate) enum ObjectSub {
 }
 
 /// Field labels of Nodes.
-pub(crate) const NODE_FIELDS: &[&str] = &["metadata.name", "metadata.namespace", "spec.unschedulable"];
+pub(crate) const NODE_FIELDS: &[&str] =
+    &["metadata.name", "metadata.namespace", "spec.unschedulable"];
 
 /// Whether `kind` serves a `status` subresource here.
 pub(crate) fn has_status(kind: Kind) -> bool {

@@ -93,11 +93,7 @@ async fn run(
         Start::Snapshot => {
             let (objects, rv) = store.list_objects(w.kind, None);
             for o in objects.into_iter().filter(|o| (w.matches)(o)) {
-                if tx
-                    .send(Ok(line("ADDED", &(w.show)(o))))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(line("ADDED", &(w.show)(o)))).await.is_err() {
                     return;
                 }
             }

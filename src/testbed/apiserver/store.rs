@@ -1006,13 +1006,7 @@ impl Store {
 
     /// Persists nothing: appends an object change to the history (its RV
     /// is the new one already set on `new`).
-    fn record_object(
-        st: &mut State,
-        kind: Kind,
-        change: Change,
-        old: Option<Value>,
-        new: Value,
-    ) {
+    fn record_object(st: &mut State, kind: Kind, change: Change, old: Option<Value>, new: Value) {
         st.object_history.push_back(ObjectChange {
             rv: st.rv,
             kind,
