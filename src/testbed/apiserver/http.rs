@@ -752,7 +752,7 @@ fn obj_list(
     let fields = FieldSelector::parse(&translated.join(","), supported)?;
     let labels = LabelSelector::parse(param(q, "labelSelector"))?;
     if watch {
-        return Ok(obj_watch(app, kind, view, ns, fields, labels, q)?);
+        return obj_watch(app, kind, view, ns, fields, labels, q);
     }
     let page = Page::parse(q)?;
     let (items, rv) = app.store.list_objects(kind, ns);
