@@ -7,7 +7,7 @@
 #   scripts/testbed.sh down [DIR]         tear down
 #
 # DIR defaults to .testbed/manual. Tests and the demo start their own
-# testbeds in-process (src/testbed/containerd.rs); this is for poking at one
+# testbeds in-process (testbed/src/containerd.rs); this is for poking at one
 # with crictl/ctr or pointing `ephemerald run` at it.
 set -euo pipefail
 
@@ -23,5 +23,5 @@ esac
 
 "${repo_root}/scripts/install-deps.sh"
 cd "${repo_root}"
-cargo build --quiet
-exec "${repo_root}/target/debug/ephemerald" testbed "${action}" --dir "${dir}" "$@"
+cargo build --quiet -p ephemerald-testbed
+exec "${repo_root}/target/debug/ephemerald-testbed" testbed "${action}" --dir "${dir}" "$@"

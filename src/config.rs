@@ -22,14 +22,6 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent.
     Run(Box<RunArgs>),
-    /// Start containerd, a local API server and the agent, add a debug
-    /// container to a pod and show what happened (needs root).
-    Demo(DemoArgs),
-    /// Start or stop the project's containerd testbed by hand (needs root).
-    Testbed(TestbedArgs),
-    /// Measure the agent binary on the testbed (needs root): print a table
-    /// and write the results as JSON.
-    Bench(BenchArgs),
 }
 
 /// Whether the agent starts containers itself.
@@ -148,59 +140,6 @@ pub struct RunArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
-}
-
-/// `ephemerald demo`.
-#[derive(Debug, Clone, Args)]
-pub struct DemoArgs {
-    /// End with one JSON object on a line of its own.
-    #[arg(long)]
-    pub json: bool,
-
-    /// Working directory for containerd, logs and images.
-    #[arg(long, default_value = ".testbed/demo")]
-    pub dir: PathBuf,
-}
-
-/// `ephemerald testbed`.
-#[derive(Debug, Clone, Args)]
-pub struct TestbedArgs {
-    /// up: start containerd in the background and import the images;
-    /// down: tear it down.
-    #[arg(value_parser = ["up", "down"])]
-    pub action: String,
-
-    /// Directory of the testbed.
-    #[arg(long, default_value = ".testbed/manual")]
-    pub dir: PathBuf,
-
-    /// Give pods their own network through a CNI bridge.
-    #[arg(long)]
-    pub cni: bool,
-}
-
-/// `ephemerald bench`.
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// Rounds of each side-by-side comparison.
-    #[arg(long, default_value_t = 21)]
-    pub rounds: usize,
-
-    /// Where the JSON results go.
-    #[arg(long, default_value = "bench/results.json")]
-    pub out: PathBuf,
-
-    /// A small run of every section (tiny counts; numbers not meaningful).
-    #[arg(long)]
-    pub quick: bool,
-
-    /// The agent binary to measure (default: this executable).
-    #[arg(long)]
-    pub agent_bin: Option<PathBuf>,
-
-    /// Working directory (agent logs, the fake CRI's socket).
-    #[arg(long, default_value = ".testbed/bench")]
-    pub dir: PathBuf,
 }
 
 /// A bad configuration: the process exits with 64 (EX_USAGE).
@@ -352,10 +291,8 @@ mod tests {
     fn args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
         let mut argv = vec!["ephemerald", "run"];
         argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv)?.command {
-            Command::Run(a) => Ok(*a),
-            _ => unreachable!(),
-        }
+        let Command::Run(a) = Cli::try_parse_from(argv)?.command;
+        Ok(*a)
     }
 
     #[test]

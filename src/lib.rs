@@ -18,7 +18,6 @@ pub mod k8s;
 pub mod kubelet;
 pub mod observe;
 pub mod reconcile;
-pub mod testbed;
 pub mod validation;
 
 use std::sync::{Arc, Mutex};
@@ -27,7 +26,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -278,31 +276,12 @@ async fn run_inner(
         .with_config(controller::Config::default().concurrency(CONCURRENCY as u16))
         .reconcile_on(ReceiverStream::new(requeue_rx))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
-    // Once the mode turns to starting, every pod with ephemeral containers
-    // gets a pass now, not at its next resync.
-    let (flip_store, mut flips, cancel) = (controller.store(), mode.subscribe(), shutdown.clone());
-    tasks.spawn(async move {
-        let mut was = flips.borrow_and_update().starting;
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = flips.changed() => if r.is_err() { return },
-            }
-            let now = flips.borrow_and_update().starting;
-            if now && !was {
-                for pod in flip_store.state() {
-                    if pod.spec.as_ref().is_some_and(|s| {
-                        s.ephemeral_containers
-                            .as_ref()
-                            .is_some_and(|v| !v.is_empty())
-                    }) {
-                        let _ = flip_requeue.send(ObjectRef::from_obj(pod.as_ref())).await;
-                    }
-                }
-            }
-            was = now;
-        }
-    });
+    tasks.spawn(reconcile::mode::pass_all_when_starting(
+        mode.subscribe(),
+        controller.store(),
+        flip_requeue,
+        shutdown.clone(),
+    ));
     let store = controller.store();
     let synced = health.clone();
     let cancel = shutdown.clone();

@@ -46,18 +46,6 @@ fn main() -> ExitCode {
             init_tracing(args.log_format, "info");
             runtime.block_on(run_agent(config))
         }
-        Command::Demo(args) => {
-            init_tracing(LogFormat::Text, "warn");
-            report(runtime.block_on(ephemerald::testbed::demo::run(args)))
-        }
-        Command::Bench(args) => {
-            init_tracing(LogFormat::Text, "warn");
-            report(runtime.block_on(ephemerald::testbed::bench::run_cli(args)))
-        }
-        Command::Testbed(args) => {
-            init_tracing(LogFormat::Text, "info");
-            report(runtime.block_on(ephemerald::testbed::demo::testbed_cli(args)))
-        }
     }
 }
 
@@ -97,16 +85,6 @@ async fn wait_for_signal() -> &'static str {
     tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = tokio::signal::ctrl_c() => "SIGINT",
-    }
-}
-
-fn report<E: std::error::Error>(result: Result<(), E>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ephemerald: {}", chain(&e));
-            ExitCode::FAILURE
-        }
     }
 }
 

@@ -27,11 +27,11 @@ use ephemerald::kubelet;
 use ephemerald::observe::ModeChangeLabels;
 use ephemerald::reconcile::agent::{Agent, Creator};
 use ephemerald::reconcile::translate::{self, HostFiles, NodeDirs, ResolvedImage};
-use ephemerald::testbed::apiserver::LocalApiServer;
-use ephemerald::testbed::fake_cri::{FakeContainer, FakeImage, FakeRuntime, normalize_reference};
-use ephemerald::testbed::images::{APP_IMAGE, BUSYBOX_IMAGE};
-use ephemerald::testbed::pod_runner::{PodRunner, RunningPod};
 use ephemerald::validation;
+use ephemerald_testbed::apiserver::LocalApiServer;
+use ephemerald_testbed::fake_cri::{FakeContainer, FakeImage, FakeRuntime, normalize_reference};
+use ephemerald_testbed::images::{APP_IMAGE, BUSYBOX_IMAGE};
+use ephemerald_testbed::pod_runner::{PodRunner, RunningPod};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, ContainerPort, ContainerStatus, EphemeralContainer, Event, ExecAction,
@@ -488,7 +488,7 @@ impl Bed {
 // Pods, containers and statuses.
 
 fn app_pod(name: &str) -> Pod {
-    let mut pod = ephemerald::testbed::images::app_pod(name);
+    let mut pod = ephemerald_testbed::images::app_pod(name);
     pod.spec.get_or_insert_default().node_name = Some(NODE.into());
     pod
 }

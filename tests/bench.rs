@@ -1,11 +1,15 @@
-//! Smoke test of the benchmark harness (`ephemerald bench --quick`): every
+//! Smoke test of the benchmark harness (`ephemerald-testbed bench --quick`): every
 //! section runs on the real containerd testbed and the fake CRI with tiny
 //! counts, and the results hold every section with coherent values. It
 //! checks the harness, not the speed: no timing thresholds here.
+//!
+//! It lives with the agent's tests, not the lab's, because what it runs is
+//! the agent's binary (`CARGO_BIN_EXE_ephemerald` exists only for this
+//! package's tests).
 
 use std::path::PathBuf;
 
-use ephemerald::testbed::bench::{self, BenchOpts, Stats};
+use ephemerald_testbed::bench::{self, BenchOpts, Stats};
 
 fn coherent(what: &str, s: &Stats, n: usize) {
     assert_eq!(s.n, n, "{what}: samples");

@@ -6,9 +6,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ephemerald::testbed::apiserver::LocalApiServer;
-use ephemerald::testbed::fake_cri::FakeRuntime;
-use ephemerald::testbed::http_get;
+use ephemerald_testbed::apiserver::LocalApiServer;
+use ephemerald_testbed::fake_cri::FakeRuntime;
+use ephemerald_testbed::http_get;
 
 fn ephemerald(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ephemerald"))

@@ -16,7 +16,7 @@ use ephemerald::reconcile::execute::{self, StartContext, StartFailure, Started};
 use ephemerald::reconcile::observe;
 use ephemerald::reconcile::plan::{self, Gates};
 use ephemerald::reconcile::translate::{self, HostFiles, ResolvedImage};
-use ephemerald::testbed::pod_runner::RunningPod;
+use ephemerald_testbed::pod_runner::RunningPod;
 use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -242,7 +242,7 @@ async fn target_not_running_or_unknown_is_the_runtimes_error_classified() {
     let image = bed
         .cri
         .image_status(ephemerald::cri::proto::ImageSpec {
-            image: ephemerald::testbed::images::BUSYBOX_IMAGE.into(),
+            image: ephemerald_testbed::images::BUSYBOX_IMAGE.into(),
             ..Default::default()
         })
         .await
@@ -381,7 +381,7 @@ async fn created_container_looks_like_the_kubelets_and_reserves_nothing() {
         ours["io.kubernetes.container.hash"],
         format!(
             "{:x}",
-            kubelet::container_hash("dbg", ephemerald::testbed::images::BUSYBOX_IMAGE)
+            kubelet::container_hash("dbg", ephemerald_testbed::images::BUSYBOX_IMAGE)
         )
     );
 
@@ -560,7 +560,7 @@ async fn debug_container_reads_what_the_app_wrote_into_pod_volumes() {
     ]);
     let writer: Container = serde_json::from_value(serde_json::json!({
         "name": "writer",
-        "image": ephemerald::testbed::images::BUSYBOX_IMAGE,
+        "image": ephemerald_testbed::images::BUSYBOX_IMAGE,
         "imagePullPolicy": "Never",
         "command": ["sh", "-c",
             "echo from-the-app > /shared/note && echo on-the-host > /host/note && sleep 60"],

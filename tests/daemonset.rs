@@ -18,10 +18,10 @@ use common::{
 use ephemerald::cri::Runtime;
 use ephemerald::cri::proto::ContainerState;
 use ephemerald::kubelet;
-use ephemerald::testbed::http_get;
-use ephemerald::testbed::images::{self, AGENT_IMAGE};
-use ephemerald::testbed::pod_runner::make_rshared;
-use ephemerald::testbed::stack::Stack;
+use ephemerald_testbed::http_get;
+use ephemerald_testbed::images::{self, AGENT_IMAGE};
+use ephemerald_testbed::pod_runner::make_rshared;
+use ephemerald_testbed::stack::Stack;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{EnvVar, HostPathVolumeSource, Pod, Probe, Volume, VolumeMount};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;

@@ -14,7 +14,7 @@ use common::{
 };
 use ephemerald::cri::Runtime;
 use ephemerald::kubelet;
-use ephemerald::testbed::stack::Stack;
+use ephemerald_testbed::stack::Stack;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -255,7 +255,7 @@ async fn created_but_never_started_container_is_started_not_duplicated() {
     let image = stack
         .cri
         .image_status(ephemerald::cri::proto::ImageSpec {
-            image: ephemerald::testbed::images::BUSYBOX_IMAGE.into(),
+            image: ephemerald_testbed::images::BUSYBOX_IMAGE.into(),
             ..Default::default()
         })
         .await
@@ -410,7 +410,7 @@ async fn kubectl_debug_is_started_by_the_agent_and_kubectl_sees_its_status() {
     let _agent = AgentProc::start(&stack, "5s");
     let (pod, _) = stack.run_pod(app_pod("web")).await.unwrap();
     let home = tempfile::tempdir().unwrap();
-    let image = ephemerald::testbed::images::BUSYBOX_IMAGE;
+    let image = ephemerald_testbed::images::BUSYBOX_IMAGE;
     let out = run_kubectl(
         &stack,
         home.path(),
@@ -509,7 +509,7 @@ async fn kubectl_debug_custom_reads_the_apps_empty_dir_with_env_from_the_api() {
     spec.containers.push(
         serde_json::from_value::<Container>(serde_json::json!({
             "name": "writer",
-            "image": ephemerald::testbed::images::BUSYBOX_IMAGE,
+            "image": ephemerald_testbed::images::BUSYBOX_IMAGE,
             "imagePullPolicy": "Never",
             "command": ["sh", "-c", "echo written-by-the-app > /shared/note; sleep 60"],
             "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
@@ -529,7 +529,7 @@ async fn kubectl_debug_custom_reads_the_apps_empty_dir_with_env_from_the_api() {
         .to_string(),
     )
     .unwrap();
-    let image = ephemerald::testbed::images::BUSYBOX_IMAGE;
+    let image = ephemerald_testbed::images::BUSYBOX_IMAGE;
     kubectl(&[
         "debug",
         "web",
@@ -584,7 +584,7 @@ async fn kubectl_debug_profiles_reach_the_runtime_like_the_kubelets() {
     let home = tempfile::tempdir().unwrap();
     let non_root = home.path().join("non-root.json");
     std::fs::write(&non_root, r#"{"securityContext":{"runAsUser":1000}}"#).unwrap();
-    let image = format!("--image={}", ephemerald::testbed::images::BUSYBOX_IMAGE);
+    let image = format!("--image={}", ephemerald_testbed::images::BUSYBOX_IMAGE);
     let debug = |name: &str, profile: &str, extra: &[&str]| {
         let mut args = vec![
             "debug",

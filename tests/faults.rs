@@ -20,7 +20,7 @@ use ephemerald::config::Mode;
 use ephemerald::cri::proto::{self, ContainerFilter, ContainerState};
 use ephemerald::cri::{CriClient, CriError, Runtime};
 use ephemerald::kubelet;
-use ephemerald::testbed::stack::Stack;
+use ephemerald_testbed::stack::Stack;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::Pod;
@@ -400,7 +400,7 @@ async fn api_server_unreachable_status_and_events_are_retried_and_nothing_is_los
             "k8s.io",
             "images",
             "tag",
-            ephemerald::testbed::images::BUSYBOX_IMAGE,
+            ephemerald_testbed::images::BUSYBOX_IMAGE,
             LATE_IMAGE,
         ])
         .output()

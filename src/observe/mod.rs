@@ -5,12 +5,14 @@
 //! Phase names of `ephemerald_start_phase_seconds` (see [`phase`]) follow
 //! one container from the watch event to its terminated status.
 
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -281,7 +283,11 @@ impl Health {
 pub type TimelineSource = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// Serves `/healthz`, `/readyz`, `/metrics` and `/timelines` (each
-/// ephemeral container's timeline, whoever started it) until cancelled.
+/// ephemeral container's timeline, whoever started it) until cancelled;
+/// then lets the requests in flight finish.
+///
+/// Plain HTTP/1 on hyper (already in the tree for the Kubernetes client and
+/// gRPC): four fixed GET routes need no web framework.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     health: SharedHealth,
@@ -289,38 +295,116 @@ pub async fn serve(
     timelines: TimelineSource,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route(
-            "/timelines",
-            get(move || {
-                let t = timelines.clone();
-                async move { axum::Json(t()) }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(
-                |State((h, _)): State<(SharedHealth, Arc<Metrics>)>| async move {
-                    let (ok, body) = h.lock().unwrap_or_else(|e| e.into_inner()).readiness();
-                    let code = if ok {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    (code, body)
-                },
-            ),
-        )
-        .route(
-            "/metrics",
-            get(|State((_, m)): State<(SharedHealth, Arc<Metrics>)>| async move { m.encode() }),
-        )
-        .with_state((health, metrics));
     tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /readyz, /metrics, /timelines");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
+    let endpoints = Arc::new(Endpoints {
+        health,
+        metrics,
+        timelines,
+    });
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: say so and give
+                    // the process a moment instead of spinning on accept.
+                    tracing::warn!(error = %e, "health endpoint: accept failed");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        let (endpoints, cancel) = (endpoints.clone(), cancel.clone());
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let response = endpoints.answer(&req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = http1::Builder::new()
+                // A client that never finishes its request head is dropped
+                // after hyper's default 30 s, which needs a timer.
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = cancel.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// What the health endpoint reads to answer.
+struct Endpoints {
+    health: SharedHealth,
+    metrics: Arc<Metrics>,
+    timelines: TimelineSource,
+}
+
+impl Endpoints {
+    /// The answer to one request: GET (or HEAD) of a known path, else 404
+    /// or 405.
+    fn answer(&self, req: &Request<hyper::body::Incoming>) -> Response<String> {
+        let path = req.uri().path();
+        if !matches!(path, "/healthz" | "/readyz" | "/metrics" | "/timelines") {
+            return plain(StatusCode::NOT_FOUND);
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut response = plain(StatusCode::METHOD_NOT_ALLOWED);
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET,HEAD"));
+            return response;
+        }
+        let (code, content_type, body) = match path {
+            "/readyz" => {
+                let (ok, body) = self
+                    .health
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .readiness();
+                let code = if ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (code, TEXT, body)
+            }
+            "/metrics" => (StatusCode::OK, TEXT, self.metrics.encode()),
+            "/timelines" => (
+                StatusCode::OK,
+                JSON,
+                serde_json::to_string(&(self.timelines)()).unwrap_or_default(),
+            ),
+            _ => (StatusCode::OK, TEXT, "ok\n".to_string()),
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() = code;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        response
+    }
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const JSON: &str = "application/json";
+
+/// An empty answer with `code`.
+fn plain(code: StatusCode) -> Response<String> {
+    let mut response = Response::new(String::new());
+    *response.status_mut() = code;
+    response
 }
 
 #[cfg(test)]

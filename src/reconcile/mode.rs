@@ -1,7 +1,9 @@
 //! Whether the agent starts ephemeral containers now: the gate every pass
 //! reads ([`ModeGate`]), and for `--mode auto` the decision from the signs
 //! of a kubelet ([`decide`], pure) and the task that re-decides on every
-//! change of them and whenever a freshness window runs out ([`auto`]).
+//! change of them and whenever a freshness window runs out ([`auto`]);
+//! when it turns to starting, every pod gets a pass at once
+//! ([`pass_all_when_starting`]).
 //!
 //! The rule (see `docs/semantics.md`): a kubelet serves this node if any of
 //! these holds — its Lease in `kube-node-lease` was renewed within its
@@ -21,8 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
-use tokio::sync::{oneshot, watch};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -366,6 +369,42 @@ pub async fn auto(
         _ = cancel.cancelled() => {}
     }
     gate
+}
+
+/// Once the mode turns to starting, gives every pod with ephemeral
+/// containers a pass now (`requeue`), not at its next resync.
+pub async fn pass_all_when_starting(
+    mut mode: watch::Receiver<ModeState>,
+    pods: Store<Pod>,
+    requeue: mpsc::Sender<ObjectRef<Pod>>,
+    cancel: CancellationToken,
+) {
+    let mut was = mode.borrow_and_update().starting;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = mode.changed() => if r.is_err() { return },
+        }
+        let now = mode.borrow_and_update().starting;
+        if now && !was {
+            for pod in pods.state() {
+                let has_ephemeral = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.ephemeral_containers.as_ref())
+                    .is_some_and(|v| !v.is_empty());
+                if has_ephemeral
+                    && requeue
+                        .send(ObjectRef::from_obj(pod.as_ref()))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        }
+        was = now;
+    }
 }
 
 /// Re-decides on every change of the evidence and when the decision's

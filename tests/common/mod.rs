@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use ephemerald::cri::{CriClient, Runtime};
 use ephemerald::reconcile::translate::NodeDirs;
-use ephemerald::testbed::containerd::{Containerd, ContainerdOpts};
-use ephemerald::testbed::pod_runner::PodRunner;
+use ephemerald_testbed::containerd::{Containerd, ContainerdOpts};
+use ephemerald_testbed::pod_runner::PodRunner;
 use k8s_openapi::api::core::v1::{EphemeralContainer, Pod};
 
 /// A running containerd with the project's images, and a pod runner on it.
@@ -67,7 +67,7 @@ impl Bed {
 /// A pod as the API server would store it, bound to `node-a`, running the
 /// shell-less app image as container `app` on the host network.
 pub fn app_pod(name: &str) -> Pod {
-    let mut pod = ephemerald::testbed::images::app_pod(name);
+    let mut pod = ephemerald_testbed::images::app_pod(name);
     pod.metadata.uid = Some(format!("{name}-{}", std::process::id()));
     let spec = pod.spec.get_or_insert_default();
     spec.node_name = Some("node-a".into());
@@ -82,7 +82,7 @@ pub fn app_pod(name: &str) -> Pod {
 pub fn debug_container(name: &str, target: Option<&str>, script: &str) -> EphemeralContainer {
     EphemeralContainer {
         name: name.into(),
-        image: Some(ephemerald::testbed::images::BUSYBOX_IMAGE.into()),
+        image: Some(ephemerald_testbed::images::BUSYBOX_IMAGE.into()),
         image_pull_policy: Some("Never".into()),
         command: Some(vec!["sh".into(), "-c".into(), script.into()]),
         target_container_name: target.map(Into::into),
@@ -155,8 +155,8 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
 
 /// A full testbed (containerd, local API server, pod runner) whose pods are
 /// bound to `node-test`. Panics (fails the test) when it cannot start.
-pub async fn stack(prefix: &str) -> ephemerald::testbed::stack::Stack {
-    ephemerald::testbed::stack::Stack::start(ContainerdOpts::unique(prefix), "node-test")
+pub async fn stack(prefix: &str) -> ephemerald_testbed::stack::Stack {
+    ephemerald_testbed::stack::Stack::start(ContainerdOpts::unique(prefix), "node-test")
         .await
         .unwrap_or_else(|e| {
             panic!("testbed did not start (run scripts/install-deps.sh as root): {e}")
@@ -171,7 +171,7 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
-    pub fn start(stack: &ephemerald::testbed::stack::Stack, resync: &str) -> AgentProc {
+    pub fn start(stack: &ephemerald_testbed::stack::Stack, resync: &str) -> AgentProc {
         let log = stack.containerd.dir().join(format!(
             "agent-{}.log",
             std::time::SystemTime::now()

@@ -125,9 +125,9 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
-use crate::cri::proto::image_service_server::{ImageService, ImageServiceServer};
-use crate::cri::proto::runtime_service_server::{RuntimeService, RuntimeServiceServer};
-use crate::cri::proto::*;
+use ephemerald::cri::proto::image_service_server::{ImageService, ImageServiceServer};
+use ephemerald::cri::proto::runtime_service_server::{RuntimeService, RuntimeServiceServer};
+use ephemerald::cri::proto::*;
 
 /// The sandbox image containerd 1.6.20 uses by default.
 pub const DEFAULT_SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.6";
@@ -468,7 +468,7 @@ impl FakeRuntime {
         Ok(rt)
     }
 
-    /// `unix:///…/cri.sock`, for [`crate::cri::CriClient::new`].
+    /// `unix:///…/cri.sock`, for [`ephemerald::cri::CriClient::new`].
     pub fn endpoint(&self) -> String {
         format!("unix://{}", self.inner.socket.display())
     }
@@ -1708,7 +1708,9 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 /// reference (`busybox` → `docker.io/library/busybox:latest`; a digest wins
 /// over a tag), or the error in containerd's words.
 pub fn normalize_reference(s: &str) -> Result<String, String> {
-    use crate::reconcile::image::{valid_digest, valid_domain, valid_path_component, valid_tag};
+    use ephemerald::reconcile::image::{
+        valid_digest, valid_domain, valid_path_component, valid_tag,
+    };
     const INVALID: &str = "invalid reference format";
     if s.len() == 64
         && s.bytes()

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use super::kinds::{self, ObjectSub};
 use super::status::StatusError;
-use crate::validation::{
+use ephemerald::validation::{
     FieldError, default_container, default_ephemeral_container, dns1123_label_errors,
     dns1123_subdomain_errors, validate_ephemeral_containers, validate_ephemeral_containers_update,
     validate_pod_status_update,

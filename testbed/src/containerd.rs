@@ -55,10 +55,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::images;
-use crate::cri::{CriClient, CriError, Runtime};
+use ephemerald::cri::{CriClient, CriError, Runtime};
 
 /// Where project-local testbeds live: `<repo>/.testbed`.
-pub const PROJECT_TESTBED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.testbed");
+pub const PROJECT_TESTBED_DIR: &str = concat!(env!("EPHEMERALD_REPO_ROOT"), "/.testbed");
 /// Where the CNI plugins of Debian's `containernetworking-plugins` live.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// The longest unix socket path (`sun_path` is 108 bytes with its NUL).
@@ -836,7 +836,7 @@ fn config_toml(layout: &Layout) -> String {
     let dir = &layout.dir;
     let p = |rel: &str| toml_str(&dir.join(rel).to_string_lossy());
     format!(
-        r#"# Written by ephemerald's testbed (src/testbed/containerd.rs); removed at teardown.
+        r#"# Written by ephemerald's testbed (testbed/src/containerd.rs); removed at teardown.
 version = 2
 root = {root}
 state = {state}

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod};
 
-use crate::cri::proto::{ContainerState, ImageSpec, PodSandboxConfig, PodSandboxFilter};
-use crate::cri::{CriError, Runtime};
-use crate::kubelet;
-use crate::reconcile::translate::{self, HostFiles, NodeDirs, ResolvedImage};
+use ephemerald::cri::proto::{ContainerState, ImageSpec, PodSandboxConfig, PodSandboxFilter};
+use ephemerald::cri::{CriError, Runtime};
+use ephemerald::kubelet;
+use ephemerald::reconcile::translate::{self, HostFiles, NodeDirs, ResolvedImage};
 
 /// Why a pod could not be run.
 #[derive(Debug, thiserror::Error)]

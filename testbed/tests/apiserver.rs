@@ -8,7 +8,7 @@ use std::process::Output;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use ephemerald::testbed::apiserver::LocalApiServer;
+use ephemerald_testbed::apiserver::LocalApiServer;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
@@ -1639,7 +1639,7 @@ async fn configmaps_claims_and_persistent_volumes() {
 fn kubectl_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = Path::new(ephemerald_testbed::REPO_ROOT);
         let bin = root.join(".tools/bin/kubectl");
         if !bin.exists() {
             let status = std::process::Command::new(root.join("scripts/install-kubectl.sh"))

@@ -29,7 +29,7 @@
 //! * `pods/ephemeralcontainers` GET/PUT/PATCH (strategic merge with
 //!   `$setElementOrder`/`$patch`, JSON merge, JSON patch): only
 //!   `spec.ephemeralContainers` is taken, defaulted and validated with
-//!   [`crate::validation`] (422 with kube-apiserver's causes), mirror pods
+//!   [`ephemerald::validation`] (422 with kube-apiserver's causes), mirror pods
 //!   refused, `generation` bumped only when they changed;
 //! * `pods/status` GET/PUT/PATCH: only status (and labels/annotations) is
 //!   taken; a terminated state going back is refused with the real message;

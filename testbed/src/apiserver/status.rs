@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::validation::{FieldError, go_quote, invalid_status};
+use ephemerald::validation::{FieldError, go_quote, invalid_status};
 
 /// An API error as the server answers it: HTTP code plus `Status` body.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

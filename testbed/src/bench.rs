@@ -1,4 +1,4 @@
-//! `ephemerald bench`: the benchmark harness. It runs the agent **binary**
+//! `ephemerald-testbed bench`: the benchmark harness. It runs the agent **binary**
 //! as a separate process against the real testbed (containerd + runc, local
 //! API server) and, for the scale runs, against the fake CRI served over a
 //! unix socket, so memory and CPU read from `/proc/PID` are the agent's own.
@@ -33,9 +33,9 @@ use super::fake_cri::FakeRuntime;
 use super::images::{APP_IMAGE, BUSYBOX_IMAGE, PAUSE_IMAGE};
 use super::pod_runner::{PodRunner, RunningPod};
 use super::stack::{Stack, StackError};
-use crate::cri::{CriClient, Runtime};
-use crate::kubelet;
-use crate::reconcile::translate::{self, HostFiles, NodeDirs, ResolvedImage};
+use ephemerald::cri::{CriClient, Runtime};
+use ephemerald::kubelet;
+use ephemerald::reconcile::translate::{self, HostFiles, NodeDirs, ResolvedImage};
 
 /// Why the harness could not finish.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,7 @@ pub enum BenchError {
     Stack(#[from] StackError),
     /// A CRI call of the harness itself failed.
     #[error(transparent)]
-    Cri(#[from] crate::cri::CriError),
+    Cri(#[from] ephemerald::cri::CriError),
     /// Reading or writing a file, or talking to the agent.
     #[error("{what}")]
     Io {
@@ -302,7 +302,7 @@ pub struct Target {
     pub met: Option<bool>,
 }
 
-/// Everything `ephemerald bench` measured (`bench/results.json`).
+/// Everything `ephemerald-testbed bench` measured (`bench/results.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
     /// RFC 3339 time of the run.
@@ -811,7 +811,7 @@ impl TargetPod {
         let (pod, running) = stack.run_pod(app_pod(name)).await?;
         let image = stack
             .cri
-            .image_status(crate::cri::proto::ImageSpec {
+            .image_status(ephemerald::cri::proto::ImageSpec {
                 image: BUSYBOX_IMAGE.into(),
                 ..Default::default()
             })
@@ -1417,11 +1417,14 @@ pub fn table(r: &Results) -> String {
     t
 }
 
-/// `ephemerald bench`: runs, prints the tables, writes the JSON.
-pub async fn run_cli(args: crate::config::BenchArgs) -> Result<(), BenchError> {
+/// `ephemerald-testbed bench`: runs, prints the tables, writes the JSON.
+pub async fn run_cli(args: crate::cli::BenchArgs) -> Result<(), BenchError> {
     let agent_bin = match args.agent_bin {
         Some(b) => b,
-        None => std::env::current_exe().map_err(io("find the ephemerald binary"))?,
+        // `make bench` builds both binaries into the same directory.
+        None => std::env::current_exe()
+            .map_err(io("find this executable"))?
+            .with_file_name("ephemerald"),
     };
     let opts = if args.quick {
         BenchOpts::quick(agent_bin, args.dir)

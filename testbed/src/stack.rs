@@ -13,10 +13,10 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use super::apiserver::LocalApiServer;
 use super::containerd::{Containerd, ContainerdOpts};
 use super::pod_runner::{PodRunner, RunningPod};
-use crate::config::{Config, Mode};
-use crate::cri::{CriClient, Runtime};
-use crate::kubelet;
-use crate::reconcile::translate::NodeDirs;
+use ephemerald::config::{Config, Mode};
+use ephemerald::cri::{CriClient, Runtime};
+use ephemerald::kubelet;
+use ephemerald::reconcile::translate::NodeDirs;
 
 /// Why the stack could not do something.
 #[derive(Debug, thiserror::Error)]

@@ -20,9 +20,9 @@ use ephemerald::kubelet;
 use ephemerald::reconcile::agent::parse_sandbox_info;
 use ephemerald::reconcile::execute::{self, StartContext, Started};
 use ephemerald::reconcile::translate::{self, HostFiles, NodeDirs, ResolvedImage};
-use ephemerald::testbed::fake_cri::{FakeImage, FakeRuntime, OnTerm, RPCS};
-use ephemerald::testbed::images::{APP_IMAGE, BUSYBOX_IMAGE};
-use ephemerald::testbed::pod_runner::{PodRunner, RunningPod};
+use ephemerald_testbed::fake_cri::{FakeImage, FakeRuntime, OnTerm, RPCS};
+use ephemerald_testbed::images::{APP_IMAGE, BUSYBOX_IMAGE};
+use ephemerald_testbed::pod_runner::{PodRunner, RunningPod};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{EphemeralContainer, Pod};
 use tonic::Code;
@@ -113,7 +113,7 @@ impl Bed {
 }
 
 fn app_pod(name: &str, host_network: bool) -> Pod {
-    let mut pod = ephemerald::testbed::images::app_pod(name);
+    let mut pod = ephemerald_testbed::images::app_pod(name);
     pod.metadata.uid = Some(format!("{name}-uid"));
     let spec = pod.spec.get_or_insert_default();
     spec.node_name = Some("node-a".into());

@@ -13,8 +13,8 @@ use ephemerald::cri::proto::{
     PodSandboxMetadata,
 };
 use ephemerald::cri::{CriClient, Runtime};
-use ephemerald::testbed::containerd::{Containerd, ContainerdOpts};
-use ephemerald::testbed::images::{ALL_IMAGES, APP_IMAGE, BUSYBOX_IMAGE};
+use ephemerald_testbed::containerd::{Containerd, ContainerdOpts};
+use ephemerald_testbed::images::{ALL_IMAGES, APP_IMAGE, BUSYBOX_IMAGE};
 
 /// What a testbed may leave on the machine, recorded before teardown.
 struct Footprint {

@@ -1,13 +1,23 @@
-//! Real parts for the demo and the tests: a containerd started as a child, locally built images,
-//! a pod runner and a local API server. Nothing here is used by `ephemerald run`.
+//! The lab (crate `ephemerald-testbed`): real parts for the demo, the tests
+//! and the bench — a containerd started as a child, locally built images, a
+//! pod runner standing in for the kubelet's pod path, a local API server and
+//! a fake CRI runtime. It builds on the agent crate (`ephemerald`) and is
+//! never part of it: nothing here is linked into `ephemerald run`, and the
+//! agent must not import from here (the agent's integration tests use it as
+//! a dev-dependency).
 pub mod apiserver;
 pub mod bench;
+pub mod cli;
 pub mod containerd;
 pub mod demo;
 pub mod fake_cri;
 pub mod images;
 pub mod pod_runner;
 pub mod stack;
+
+/// The repository (the workspace root), where `.testbed/`, `.tools/` and
+/// `scripts/` are.
+pub const REPO_ROOT: &str = env!("EPHEMERALD_REPO_ROOT");
 
 /// A plain HTTP/1.0 GET of `path` on `addr` (`host:port`), as the tests and
 /// the bench read the agent's health endpoints: the status code and the

@@ -1,11 +1,11 @@
-//! `ephemerald demo`: the whole path on this machine, in one command. Starts
+//! `ephemerald-testbed demo`: the whole path on this machine, in one command. Starts
 //! containerd (with a CNI pod network), the local API server and the agent,
 //! runs a pod whose only container is the shell-less app, adds a busybox
 //! debug container targeting it exactly as `kubectl debug --target=app`
 //! does, and shows the status transitions the API server accepted, the
 //! debug container's `ps` (the app's process is in it), whether the two
 //! share a PID namespace, and how long each phase took. Everything is torn
-//! down at the end. Also `ephemerald testbed up|down`.
+//! down at the end. Also `ephemerald-testbed testbed up|down`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -17,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 use super::containerd::{Containerd, ContainerdOpts};
 use super::images::{APP_IMAGE, BUSYBOX_IMAGE};
 use super::stack::{Stack, StackError};
-use crate::config::{DemoArgs, Mode, TestbedArgs};
-use crate::cri::Runtime;
-use crate::kubelet;
-use crate::reconcile::agent::{Agent, Timeline};
+use crate::cli::{DemoArgs, TestbedArgs};
+use ephemerald::config::Mode;
+use ephemerald::cri::Runtime;
+use ephemerald::kubelet;
+use ephemerald::reconcile::agent::{Agent, Timeline};
 
 const NODE: &str = "demo-node";
 const POD: &str = "shop";
@@ -102,7 +103,7 @@ async fn demo_body(stack: &Stack, say: &dyn Fn(String)) -> Result<Report, DemoEr
     let slot = agent_slot.clone();
     let config = stack.agent_config(Mode::Start, Duration::from_secs(5));
     let client = stack.api.client();
-    let agent_task = tokio::spawn(crate::run_with_client(
+    let agent_task = tokio::spawn(ephemerald::run_with_client(
         config,
         client,
         cancel.clone(),
@@ -335,7 +336,7 @@ async fn wait_for_output(log: &std::path::Path) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(log)
-            .map(|raw| crate::reconcile::observe::cri_log_messages(&raw))
+            .map(|raw| ephemerald::reconcile::observe::cri_log_messages(&raw))
             .unwrap_or_default();
         if text.contains("/app") || std::time::Instant::now() > deadline {
             return text;
@@ -392,7 +393,7 @@ fn absolute(p: &std::path::Path) -> std::path::PathBuf {
     }
 }
 
-/// `ephemerald testbed up|down`: a containerd that outlives the command.
+/// `ephemerald-testbed testbed up|down`: a containerd that outlives the command.
 pub async fn testbed_cli(args: TestbedArgs) -> Result<(), DemoError> {
     if !nix::unistd::Uid::effective().is_root() {
         return Err(DemoError::NotRoot);
@@ -409,7 +410,7 @@ pub async fn testbed_cli(args: TestbedArgs) -> Result<(), DemoError> {
                 tb.endpoint()
             );
             println!(
-                "tear down with: ephemerald testbed down --dir {}",
+                "tear down with: ephemerald-testbed testbed down --dir {}",
                 dir.display()
             );
             Ok(())

@@ -4,7 +4,7 @@
  * stopping it is quick. With no shell in the image, the only way to look
  * inside is an ephemeral debug container that shares its PID namespace.
  *
- * Built by src/testbed/images.rs with `gcc -static -Os`.
+ * Built by testbed/src/images.rs with `gcc -static -Os`.
  */
 #include <signal.h>
 #include <stdio.h>

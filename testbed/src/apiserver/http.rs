@@ -30,7 +30,7 @@ use super::status::StatusError;
 use super::store::{CreateMode, Kind, Store, Subresource};
 use super::table::{pod_table, table_opts};
 use super::watch::{self, PodWatch, Start};
-use crate::validation::FieldError;
+use ephemerald::validation::FieldError;
 
 /// Per-serving state of the router.
 #[derive(Clone)]

@@ -5,7 +5,7 @@
  * when the pod shares one PID namespace (shareProcessNamespace) and pause is
  * its PID 1.
  *
- * Built by src/testbed/images.rs with `gcc -static -Os`.
+ * Built by testbed/src/images.rs with `gcc -static -Os`.
  */
 #include <signal.h>
 #include <stdio.h>
