@@ -603,17 +603,26 @@ async fn auto_mode_reports_what_it_started_until_terminated_after_a_kubelet_came
         t.container_id.as_deref(),
         Some(format!("containerd://{ours}").as_str())
     );
-    let timeline = agent
-        .agent
-        .timelines()
-        .into_iter()
-        .find(|t| t.container == "dbg")
-        .expect("dbg's timeline");
+    // The agent notes its write once the API server's answer is back,
+    // which may be after the stored pod already shows it.
+    let deadline = Instant::now() + WAIT;
+    let timeline = loop {
+        let t = agent
+            .agent
+            .timelines()
+            .into_iter()
+            .find(|t| t.container == "dbg")
+            .expect("dbg's timeline");
+        if t.terminated_written.is_some() {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent wrote the terminated status: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(timeline.creator, Some(Creator::Agent));
-    assert!(
-        timeline.terminated_written.is_some(),
-        "the agent wrote the terminated status: {timeline:?}"
-    );
     assert!(!agent.agent.mode.starting());
     agent.stop().await;
     stack.teardown().await.unwrap();
