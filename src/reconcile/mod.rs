@@ -1,12 +1,13 @@
 //! The reconcile path of one pod: observe the runtime, plan (pure), execute,
 //! compute status (pure). `translate` turns one ephemeral container into the
 //! CRI config the kubelet would send; `refs` reads the API objects it
-//! refers to first.
+//! refers to first; `mode` decides whether containers are started at all.
 
 pub mod agent;
 pub mod downward;
 pub mod execute;
 pub mod image;
+pub mod mode;
 pub mod observe;
 pub mod plan;
 pub mod refs;
