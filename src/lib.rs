@@ -67,9 +67,6 @@ pub enum Error {
 /// Reconcile passes at once (the controller's, and the fast path's).
 const CONCURRENCY: usize = 32;
 
-/// How often `--mode auto` looks at the node's Lease.
-const LEASE_CHECK: Duration = Duration::from_secs(10);
-
 /// Builds a client from the kubeconfig, or in-cluster / default config.
 pub async fn kube_client(config: &Config) -> Result<kube::Client, K8sError> {
     let cfg = match &config.kubeconfig {
@@ -157,19 +154,27 @@ async fn run_inner(
     let runtime_name = wait_for_runtime(runtime.as_ref(), &health, &shutdown).await;
     let cluster: Arc<dyn Cluster> = Arc::new(KubeCluster::new(client.clone()));
 
-    let mode = Arc::new(match config.mode {
-        Mode::Start => ModeGate::new(true, "--mode start"),
-        Mode::Observe => ModeGate::new(false, "--mode observe"),
+    let mut tasks = tokio::task::JoinSet::new();
+    let mode = match config.mode {
+        Mode::Start => Arc::new(ModeGate::new(true, "--mode start")),
+        Mode::Observe => Arc::new(ModeGate::new(false, "--mode observe")),
+        // Follows the node's Lease and Node; returns after the first decision.
         Mode::Auto => {
-            let (live, why) = kubelet_alive(cluster.as_ref(), &config.node_name).await;
-            ModeGate::new(!live, why)
+            reconcile::mode::auto(
+                client.clone(),
+                &config.node_name,
+                metrics.clone(),
+                health.clone(),
+                &mut tasks,
+                shutdown.clone(),
+            )
+            .await
         }
-    });
+    };
     tracing::info!(node = %config.node_name, runtime = %runtime_name, "{}", mode.describe());
     metrics.starting.set(i64::from(mode.starting()));
     lock(&health).mode = mode.describe();
 
-    let mut tasks = tokio::task::JoinSet::new();
     let (events, _writer) =
         k8s::spawn_event_writer(client.clone(), config.node_name.clone(), shutdown.clone());
     let agent = Arc::new(Agent::new(
@@ -187,31 +192,6 @@ async fn run_inner(
     started(Handles {
         agent: agent.clone(),
     });
-
-    if config.mode == Mode::Auto {
-        let (cluster, mode, node, health, metrics, cancel) = (
-            cluster.clone(),
-            mode.clone(),
-            config.node_name.clone(),
-            health.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
-        tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(LEASE_CHECK) => {}
-                }
-                let (live, why) = kubelet_alive(cluster.as_ref(), &node).await;
-                if mode.set(!live, why) {
-                    tracing::warn!("mode changed: {}", mode.describe());
-                }
-                metrics.starting.set(i64::from(mode.starting()));
-                lock(&health).mode = mode.describe();
-            }
-        });
-    }
 
     if let Some(listener) = listener {
         let listener_health = health.clone();
@@ -241,6 +221,7 @@ async fn run_inner(
         shutdown.clone(),
     ));
     let (requeue_tx, requeue_rx) = mpsc::channel(256);
+    let flip_requeue = requeue_tx.clone();
     // A (re)opened exit stream may have missed exits: re-check every pod
     // with a live ephemeral container.
     let (opened_agent, opened_requeue) = (agent.clone(), requeue_tx.clone());
@@ -295,6 +276,12 @@ async fn run_inner(
         .with_config(controller::Config::default().concurrency(CONCURRENCY as u16))
         .reconcile_on(ReceiverStream::new(requeue_rx))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    tasks.spawn(reconcile::mode::pass_all_when_starting(
+        mode.subscribe(),
+        controller.store(),
+        flip_requeue,
+        shutdown.clone(),
+    ));
     let store = controller.store();
     let synced = health.clone();
     let cancel = shutdown.clone();
@@ -468,47 +455,6 @@ async fn wait_until_exited(runtime: &dyn Runtime, id: &str) {
             _ => return,
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Whether a kubelet renews this node's Lease, and a sentence saying so.
-pub async fn kubelet_alive(cluster: &dyn Cluster, node: &str) -> (bool, String) {
-    match cluster.node_lease(node).await {
-        Ok(None) => (
-            false,
-            format!("no Lease kube-node-lease/{node}: no kubelet serves this node"),
-        ),
-        Ok(Some(lease)) => {
-            let spec = lease.spec.unwrap_or_default();
-            let secs = i64::from(spec.lease_duration_seconds.unwrap_or(40));
-            let renewed = spec.renew_time.map(|t| t.0.as_second()).unwrap_or(0);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0);
-            if renewed + secs > now {
-                (
-                    true,
-                    format!(
-                        "a kubelet renewed Lease kube-node-lease/{node} {}s ago; it starts ephemeral containers itself",
-                        now - renewed
-                    ),
-                )
-            } else {
-                (
-                    false,
-                    format!(
-                        "Lease kube-node-lease/{node} expired {}s ago: no live kubelet",
-                        now - renewed - secs
-                    ),
-                )
-            }
-        }
-        // Cannot tell: the safe choice is not to race a possible kubelet.
-        Err(e) => (
-            true,
-            format!("cannot read the node Lease ({e}); not starting to avoid racing a kubelet"),
-        ),
     }
 }
 

@@ -8,7 +8,7 @@
 //! it again at any time converges to the same state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use super::execute::{self, StartContext, Started};
 use super::image;
+pub use super::mode::ModeGate;
 use super::observe::{self, Observed, State};
 use super::plan::{self, Action as PlanAction, Gates};
 use super::status::{self, Failure};
@@ -112,43 +113,6 @@ fn rfc3339_opt<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::
     match t {
         Some(t) => rfc3339(t, s),
         None => s.serialize_none(),
-    }
-}
-
-/// Whether the agent starts containers now.
-pub struct ModeGate {
-    starting: AtomicBool,
-    why: Mutex<String>,
-}
-
-impl ModeGate {
-    /// A gate that starts (`true`) or observes.
-    pub fn new(starting: bool, why: impl Into<String>) -> Self {
-        ModeGate {
-            starting: AtomicBool::new(starting),
-            why: Mutex::new(why.into()),
-        }
-    }
-
-    /// Whether containers are started (and statuses written) now.
-    pub fn starting(&self) -> bool {
-        self.starting.load(Ordering::SeqCst)
-    }
-
-    /// Changes the mode; returns whether it changed.
-    pub fn set(&self, starting: bool, why: impl Into<String>) -> bool {
-        *self.why.lock().unwrap_or_else(|e| e.into_inner()) = why.into();
-        self.starting.swap(starting, Ordering::SeqCst) != starting
-    }
-
-    /// One line for logs and `/readyz`.
-    pub fn describe(&self) -> String {
-        let why = self.why.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if self.starting() {
-            format!("starting ephemeral containers ({why})")
-        } else {
-            format!("observing only ({why})")
-        }
     }
 }
 
@@ -481,25 +445,68 @@ impl Agent {
             let failures = self.displayed_failures(pod, uid, Instant::now());
             let statuses =
                 status::ephemeral_statuses(pod, &observed, &failures, &self.runtime_name);
-            let rv = pod.metadata.resource_version.clone().unwrap_or_default();
-            let already = lock(&self.memory)
-                .get(uid)
-                .and_then(|m| m.last_written.clone())
-                .is_some_and(|(at, written)| at == rv && written == statuses);
-            if status::changed(pod, &statuses) && !already {
-                self.cluster
-                    .patch_ephemeral_statuses(pod, &statuses)
-                    .await?;
-                self.metrics.status_patches.inc();
-                tracing::info!(statuses = %summary(&statuses), "status written");
-                self.record_written(uid, &statuses, SystemTime::now());
-                lock(&self.memory)
-                    .entry(uid.to_string())
-                    .or_default()
-                    .last_written = Some((rv, statuses));
+            self.write_statuses(pod, uid, statuses).await?;
+        } else if !self.mode.starting() {
+            // What this agent started, it reports to the end, also after
+            // the mode changed: a kubelet that lost the race for a
+            // container does not report it (it shows its create failure,
+            // then `waiting` forever). Everyone else's entries pass as the
+            // API holds them.
+            let ours = self.created_here(uid);
+            if !ours.is_empty() {
+                let computed = status::ephemeral_statuses(
+                    pod,
+                    &observed,
+                    &BTreeMap::new(),
+                    &self.runtime_name,
+                );
+                let statuses = status::ours_where_behind(pod, &computed, &ours);
+                self.write_statuses(pod, uid, statuses).await?;
             }
         }
         Ok(Action::requeue(self.next_pass(uid, Instant::now())))
+    }
+
+    /// Writes the whole list when it differs from the API's (and from what
+    /// this agent wrote at the same resourceVersion).
+    async fn write_statuses(
+        &self,
+        pod: &Pod,
+        uid: &str,
+        statuses: Vec<ContainerStatus>,
+    ) -> Result<(), ReconcileError> {
+        let rv = pod.metadata.resource_version.clone().unwrap_or_default();
+        let already = lock(&self.memory)
+            .get(uid)
+            .and_then(|m| m.last_written.clone())
+            .is_some_and(|(at, written)| at == rv && written == statuses);
+        if status::changed(pod, &statuses) && !already {
+            self.cluster
+                .patch_ephemeral_statuses(pod, &statuses)
+                .await?;
+            self.metrics.status_patches.inc();
+            tracing::info!(statuses = %summary(&statuses), "status written");
+            self.record_written(uid, &statuses, SystemTime::now());
+            lock(&self.memory)
+                .entry(uid.to_string())
+                .or_default()
+                .last_written = Some((rv, statuses));
+        }
+        Ok(())
+    }
+
+    /// The containers of the pod that this agent created (and started).
+    fn created_here(&self, uid: &str) -> BTreeSet<String> {
+        lock(&self.memory)
+            .get(uid)
+            .map(|m| {
+                m.timelines
+                    .iter()
+                    .filter(|(_, t)| t.creator == Some(Creator::Agent))
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Observes the pod's containers, reusing the settled ones' details.
@@ -1196,15 +1203,5 @@ mod tests {
                 k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
             ));
         assert_ne!(trigger_fingerprint(&deleted), base, "deletion");
-    }
-
-    #[test]
-    fn mode_gate_reports_changes() {
-        let g = ModeGate::new(false, "a kubelet renews the node lease");
-        assert!(!g.starting());
-        assert!(g.describe().starts_with("observing only"));
-        assert!(g.set(true, "no live kubelet"));
-        assert!(!g.set(true, "no live kubelet"));
-        assert!(g.describe().contains("no live kubelet"));
     }
 }

@@ -2,7 +2,8 @@
 //! compute status (pure). `translate` turns one ephemeral container into the
 //! CRI config the kubelet would send (with `resources`, `services` and the
 //! `host` facts); `refs` reads the API objects it refers to first; `logs`
-//! keeps the legacy log symlinks.
+//! keeps the legacy log symlinks; `mode` decides whether containers are
+//! started at all.
 
 pub mod agent;
 pub mod downward;
@@ -10,6 +11,7 @@ pub mod execute;
 pub mod host;
 pub mod image;
 pub mod logs;
+pub mod mode;
 pub mod observe;
 pub mod plan;
 pub mod refs;
