@@ -89,6 +89,16 @@ pub struct RunArgs {
     #[arg(long, env = "EPHEMERALD_POD_LOGS_DIR", default_value = "/var/log/pods")]
     pub pod_logs_dir: PathBuf,
 
+    /// Where the legacy log symlinks of started containers go
+    /// (`<pod>_<namespace>_<container>-<id>.log`, read by node log
+    /// collectors); empty turns them off.
+    #[arg(
+        long,
+        env = "EPHEMERALD_CONTAINER_LOGS_DIR",
+        default_value = "/var/log/containers"
+    )]
+    pub container_logs_dir: PathBuf,
+
     /// The kubelet's root directory (pods/ and seccomp/ live under it).
     #[arg(
         long,
@@ -253,6 +263,9 @@ impl RunArgs {
                 pod_logs: self.pod_logs_dir.clone(),
                 pods: self.kubelet_root_dir.join("pods"),
                 seccomp: self.kubelet_root_dir.join("seccomp"),
+                container_logs: self.container_logs_dir.clone(),
+                // Read once, as the kubelet reads its machine info at start.
+                host: crate::reconcile::host::HostFacts::detect(),
             },
             resync: self.resync,
             mode: self.mode,
@@ -321,6 +334,7 @@ mod tests {
         assert_eq!(c.mode, Mode::Auto);
         assert_eq!(c.cri_endpoint, "unix:///run/containerd/containerd.sock");
         assert_eq!(c.dirs.pods, PathBuf::from("/var/lib/kubelet/pods"));
+        assert_eq!(c.dirs.container_logs, PathBuf::from("/var/log/containers"));
         assert_eq!(c.resync, Duration::from_secs(10));
         assert_eq!(c.metrics_addr, Some("127.0.0.1:10259".parse().unwrap()));
     }

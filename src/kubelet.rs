@@ -160,6 +160,44 @@ pub fn container_log_path(container: &str, attempt: u32) -> String {
     format!("{container}/{attempt}.log")
 }
 
+/// The longest file name ext4 allows; the kubelet cuts legacy log link
+/// names to it (`ext4MaxFileNameLen`).
+pub const MAX_FILE_NAME_LEN: usize = 255;
+
+/// `<dir>/<pod>_<namespace>_<container>-<id>.log`: the legacy log symlink
+/// the kubelet makes for every container it starts (`legacyLogSymlink`,
+/// `logSymlink` in `kuberuntime/legacy.go`), which node log collectors
+/// read. A name longer than the file-name limit is cut before `.log`, as
+/// the kubelet does (it may cut into the container id).
+pub fn legacy_log_symlink(
+    dir: &Path,
+    pod_name: &str,
+    namespace: &str,
+    container: &str,
+    container_id: &str,
+) -> PathBuf {
+    const SUFFIX: &str = ".log";
+    let mut name = format!("{pod_name}_{namespace}_{container}-{container_id}");
+    let max = MAX_FILE_NAME_LEN - SUFFIX.len();
+    if name.len() > max {
+        // Names and ids are ASCII; a cut never splits a character anyway.
+        let mut cut = max;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+    }
+    dir.join(name + SUFFIX)
+}
+
+/// The container id (or the start of it, for a cut name) in a legacy log
+/// link's file name (`getContainerIDFromLegacyLogSymlink`): what follows
+/// the last `-`, before `.log`, at least 6 characters.
+pub fn container_id_of_legacy_log_symlink(file_name: &str) -> Option<&str> {
+    let id = file_name.rsplit('-').next()?.strip_suffix(".log")?;
+    (id.len() >= 6).then_some(id)
+}
+
 /// The next attempt for a container that has no runtime container: one past
 /// the highest `<n>.log` already in its log directory (the kubelet's
 /// `calcRestartCountByLogDir`), so a recreated container never overwrites an
@@ -252,6 +290,44 @@ mod tests {
                 ..Default::default()
             },
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn legacy_log_symlinks_are_named_and_cut_like_the_kubelets() {
+        let dir = Path::new("/var/log/containers");
+        let id = "0123456789abcdef".repeat(4);
+        let long = "p".repeat(240);
+        // (rule, pod, namespace, container, link file name)
+        let table = [
+            (
+                "<pod>_<namespace>_<container>-<id>.log",
+                "web",
+                "shop",
+                "dbg",
+                format!("web_shop_dbg-{id}.log"),
+            ),
+            (
+                "cut to 255 bytes with .log kept, into the id",
+                long.as_str(),
+                "shop",
+                "dbg",
+                format!("{}.log", &format!("{long}_shop_dbg-{id}")[..251]),
+            ),
+        ];
+        for (rule, pod, ns, c, want) in table {
+            let got = legacy_log_symlink(dir, pod, ns, c, &id);
+            assert_eq!(got, dir.join(&want), "{rule}");
+            assert!(want.len() <= MAX_FILE_NAME_LEN, "{rule}");
+        }
+        let ids = [
+            (format!("web_shop_dbg-{id}.log"), Some(id.as_str())),
+            ("web_shop_my-dbg-abcdef.log".to_string(), Some("abcdef")),
+            ("web_shop_dbg-abc.log".to_string(), None),
+            ("web_shop_dbg-abcdefgh.txt".to_string(), None),
+        ];
+        for (name, want) in ids {
+            assert_eq!(container_id_of_legacy_log_symlink(&name), want, "{name}");
         }
     }
 

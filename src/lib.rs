@@ -305,7 +305,9 @@ async fn run_inner(
         }
     });
 
-    // Forget deleted pods once per resync.
+    // Forget deleted pods once per resync; while starting containers, also
+    // remove the legacy log links of containers the runtime no longer holds
+    // (the kubelet removes them with the container).
     let (prune_store, prune_agent, cancel, every) = (
         controller.store(),
         agent.clone(),
@@ -316,7 +318,11 @@ async fn run_inner(
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(every) => prune_agent.retain_pods(&prune_store.state()),
+                _ = tokio::time::sleep(every) => {}
+            }
+            prune_agent.retain_pods(&prune_store.state());
+            if prune_agent.mode.starting() {
+                reconcile::logs::sweep_node(prune_agent.runtime.as_ref(), &prune_agent.dirs).await;
             }
         }
     });

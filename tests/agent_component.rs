@@ -162,6 +162,8 @@ impl Bed {
             pod_logs: tmp.path().join("pod-logs"),
             pods: tmp.path().join("kubelet/pods"),
             seccomp: tmp.path().join("kubelet/seccomp"),
+            container_logs: tmp.path().join("containers"),
+            host: Default::default(),
         };
         let runner = PodRunner::new(cri.clone() as Arc<dyn Runtime>, dirs.clone(), "/kubepods");
         let api = LocalApiServer::start().await.expect("local API server");

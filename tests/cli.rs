@@ -92,6 +92,8 @@ async fn readyz_reports_the_mode_and_sigterm_drains_leaving_containers_alone() {
         .args([
             "--pod-logs-dir",
             &tmp.path().join("logs").display().to_string(),
+            "--container-logs-dir",
+            &tmp.path().join("containers").display().to_string(),
         ])
         .stderr(Stdio::piped())
         .spawn()

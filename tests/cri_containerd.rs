@@ -395,6 +395,50 @@ async fn created_container_looks_like_the_kubelets_and_reserves_nothing() {
         resources["cpu"]["quota"].is_null(),
         "no CPU quota: {resources}"
     );
+    // The kubelet's resources for a container that requests nothing, read
+    // back from the runtime: MinShares, the CFS period, BestEffort's OOM
+    // score (the app pod requests nothing), the default masked and
+    // read-only paths, the image's user (busybox names none: root).
+    assert_eq!(resources["cpu"]["shares"], 2, "MinShares: {resources}");
+    assert_eq!(resources["cpu"]["period"], 100_000, "{resources}");
+    assert_eq!(spec["process"]["oomScoreAdj"], 1000, "BestEffort");
+    assert_eq!(
+        spec["linux"]["maskedPaths"],
+        serde_json::json!(translate::masked_paths(false, &bed.dirs.host)),
+    );
+    assert!(
+        spec["linux"]["maskedPaths"]
+            .as_array()
+            .unwrap()
+            .contains(&"/proc/interrupts".into())
+    );
+    assert_eq!(
+        spec["linux"]["readonlyPaths"],
+        serde_json::json!(translate::DEFAULT_READONLY_PATHS)
+    );
+    assert_eq!(spec["process"]["user"]["uid"], 0, "{}", spec["process"]);
+    // What containerd was sent (its record of the CRI config): the run_as_user
+    // and a zero hugetlb limit per page size of the host, which containerd
+    // only passes on where the hugetlb controller is mounted.
+    let sent = &cri_info(bed.cri.as_ref(), &id).await["config"];
+    // Go's JSON leaves the 0 out: an empty object is run_as_user 0, set.
+    let run_as_user = &sent["linux"]["security_context"]["run_as_user"];
+    assert!(
+        run_as_user.is_object() && run_as_user["value"].as_i64().unwrap_or(0) == 0,
+        "{sent}"
+    );
+    let sizes: Vec<&str> = sent["linux"]["resources"]["hugepage_limits"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|h| h["page_size"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(sizes, bed.dirs.host.hugepage_sizes, "{sent}");
+    let hugetlb_controller =
+        std::path::Path::new("/sys/fs/cgroup/hugetlb").exists() || bed.dirs.host.cgroup2;
+    assert_eq!(
+        !resources["hugepageLimits"].is_null(),
+        hugetlb_controller && !sizes.is_empty(),
+        "{resources}"
+    );
     assert!(
         spec["linux"]["cgroupsPath"]
             .as_str()
@@ -422,6 +466,115 @@ async fn created_container_looks_like_the_kubelets_and_reserves_nothing() {
         .collect();
     assert!(mounts.contains(&"/etc/hosts"), "{mounts:?}");
     assert!(mounts.contains(&"/dev/termination-log"), "{mounts:?}");
+    bed.stop().await;
+}
+
+/// The kubelet's legacy log symlink (`legacyLogSymlink`, made after
+/// StartContainer): `<container logs>/<pod>_<namespace>_<container>-<id>.log`
+/// → the log file the runtime writes (read through the link, it holds the
+/// container's output); for a long pod name the link's name is cut to 255
+/// bytes. Removed as the kubelet removes it: once the runtime no longer
+/// holds the container, or once its log is gone and it has exited; kept for
+/// a running container whose log is missing for a moment (rotation), and
+/// links that point elsewhere, or plain files, are never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_log_symlink_points_at_the_runtimes_log_and_goes_with_the_container() {
+    let bed = Bed::start("cri-loglink").await;
+    let dir = bed.dirs.container_logs.clone();
+    let sweep = || ephemerald::reconcile::logs::sweep(bed.cri.as_ref(), &dir, &bed.dirs.pod_logs);
+    std::fs::create_dir_all(&dir).unwrap();
+    let foreign = dir.join("other_default_x-abcdef123456.log");
+    std::os::unix::fs::symlink("/etc/hostname", &foreign).unwrap();
+    let plain = dir.join("plain_default_x-abcdef123456.log");
+    std::fs::write(&plain, "not a link").unwrap();
+
+    let long = "l".repeat(200);
+    let mut links = vec![];
+    for (i, name) in ["loglink", long.as_str()].into_iter().enumerate() {
+        let mut pod = app_pod(name);
+        // A UID as long as the API server's, so that the pod's log
+        // directory name stays within the file-name limit.
+        pod.metadata.uid = Some(format!(
+            "{i:08}-{:04}-4000-8000-000000000000",
+            std::process::id() % 10_000
+        ));
+        let running = bed.runner.run(&pod).await.expect("pod runs");
+        let dbg = debug_container("dbg", Some("app"), "echo hello-from-dbg; sleep 60");
+        let id = started_id(
+            start(
+                &bed,
+                &running,
+                &pod,
+                &dbg,
+                Some(&running.containers["app"]),
+                &MemoryEvents::default(),
+            )
+            .await
+            .unwrap(),
+        );
+        let link = kubelet::legacy_log_symlink(&dir, name, "default", "dbg", &id);
+        let file_name = link.file_name().unwrap().to_str().unwrap().to_string();
+        if name == long {
+            assert_eq!(file_name.len(), 255, "cut to the limit: {file_name}");
+            assert!(file_name.ends_with(".log"));
+        } else {
+            assert_eq!(file_name, format!("loglink_default_dbg-{id}.log"));
+        }
+        let log = log_path(&bed, &pod, "dbg");
+        assert_eq!(std::fs::read_link(&link).unwrap(), log);
+        let status = bed
+            .cri
+            .container_status(&id, false)
+            .await
+            .unwrap()
+            .status
+            .unwrap();
+        assert_eq!(
+            status.log_path,
+            log.display().to_string(),
+            "the file the runtime writes"
+        );
+        eventually("the output through the link", WAIT, || async {
+            log_text(&link)?.contains("hello-from-dbg").then_some(())
+        })
+        .await;
+        links.push((link, id, log));
+    }
+    assert_eq!(
+        sweep().await.unwrap().removed,
+        Vec::<std::path::PathBuf>::new(),
+        "all alive"
+    );
+
+    // Log briefly gone while running (rotation): kept.
+    let (link, id, log) = links[0].clone();
+    let aside = log.with_extension("rotating");
+    std::fs::rename(&log, &aside).unwrap();
+    assert!(sweep().await.unwrap().removed.is_empty(), "running: kept");
+    std::fs::rename(&aside, &log).unwrap();
+    // Exited with its log: kept; exited with the log gone: removed.
+    bed.cri.stop_container(&id, 0).await.unwrap();
+    wait_state(&bed, &id, ContainerState::ContainerExited).await;
+    assert!(
+        sweep().await.unwrap().removed.is_empty(),
+        "exited, log there: kept"
+    );
+    std::fs::remove_file(&log).unwrap();
+    assert_eq!(sweep().await.unwrap().removed, std::slice::from_ref(&link));
+    assert!(std::fs::symlink_metadata(&link).is_err());
+
+    // Removed from the runtime (log still there): removed.
+    let (link, id, _) = links[1].clone();
+    bed.cri.stop_container(&id, 0).await.unwrap();
+    bed.cri.remove_container(&id).await.unwrap();
+    assert_eq!(sweep().await.unwrap().removed, std::slice::from_ref(&link));
+    assert!(std::fs::symlink_metadata(&link).is_err());
+
+    assert!(
+        std::fs::symlink_metadata(&foreign).is_ok(),
+        "a link elsewhere is not ours"
+    );
+    assert_eq!(std::fs::read_to_string(&plain).unwrap(), "not a link");
     bed.stop().await;
 }
 

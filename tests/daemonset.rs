@@ -89,10 +89,11 @@ fn daemonset_pod(ds: &DaemonSet) -> Pod {
 /// - containerd's socket directory: the testbed's containerd listens in its
 ///   own directory (`containerd.sock` there too), which is mounted where the
 ///   manifest mounts `/run/containerd`, so the socket env values stay;
-/// - the pod log and kubelet pod directories: the agent hands paths below
-///   them to the runtime, which resolves them on the host, so the manifest
-///   mounts each at its own host path; on the testbed both sides move to the
-///   testbed's directories, and the agent is told where they are;
+/// - the pod log, container log and kubelet pod directories: the agent
+///   hands paths below them to the runtime (and links into the pod logs),
+///   which resolves them on the host, so the manifest mounts each at its own
+///   host path; on the testbed both sides move to the testbed's
+///   directories, and the agent is told where they are;
 /// - credentials: the local API server speaks plain http with no service
 ///   account tokens, so the pod gets a kubeconfig for it instead.
 ///
@@ -105,6 +106,11 @@ fn adapt_to_testbed(pod: &mut Pod, stack: &Stack) {
     let host_dirs = [
         ("/run/containerd", stack.containerd.dir(), false),
         ("/var/log/pods", stack.dirs.pod_logs.as_path(), true),
+        (
+            "/var/log/containers",
+            stack.dirs.container_logs.as_path(),
+            true,
+        ),
         ("/var/lib/kubelet/pods", stack.dirs.pods.as_path(), true),
     ];
     let spec = pod.spec.as_mut().expect("pod spec");
@@ -152,6 +158,10 @@ fn adapt_to_testbed(pod: &mut Pod, stack: &Stack) {
         env(
             "EPHEMERALD_KUBELET_ROOT_DIR",
             kubelet_root.display().to_string(),
+        ),
+        env(
+            "EPHEMERALD_CONTAINER_LOGS_DIR",
+            stack.dirs.container_logs.display().to_string(),
         ),
         env("KUBECONFIG", KUBECONFIG_IN_POD.into()),
     ]);
@@ -266,12 +276,15 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
         format!("{c}.image"),
         format!("{c}.env[EPHEMERALD_POD_LOGS_DIR]"),
         format!("{c}.env[EPHEMERALD_KUBELET_ROOT_DIR]"),
+        format!("{c}.env[EPHEMERALD_CONTAINER_LOGS_DIR]"),
         format!("{c}.env[KUBECONFIG]"),
         format!("{c}.volumeMounts[pod-logs].mountPath"),
+        format!("{c}.volumeMounts[container-logs].mountPath"),
         format!("{c}.volumeMounts[kubelet-pods].mountPath"),
         format!("{c}.volumeMounts[testbed-kubeconfig]"),
         ".spec.volumes[run-containerd].hostPath.path".into(),
         ".spec.volumes[pod-logs].hostPath.path".into(),
+        ".spec.volumes[container-logs].hostPath.path".into(),
         ".spec.volumes[kubelet-pods].hostPath.path".into(),
         ".spec.volumes[testbed-kubeconfig]".into(),
     ]
@@ -416,6 +429,16 @@ async fn the_daemonsets_pod_runs_the_agent_which_starts_a_targeted_debug_contain
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // The legacy log symlink, made by the containerized agent in the
+    // mounted container logs directory, points at dbg's log on the host.
+    let link =
+        kubelet::legacy_log_symlink(&stack.dirs.container_logs, "web", "default", "dbg", &dbg_id);
+    assert_eq!(
+        std::fs::read_link(&link).unwrap_or_else(|e| panic!("{}: {e}", link.display())),
+        kubelet::container_log_dir(&stack.dirs.pod_logs, &web, "dbg").join("0.log"),
+        "the link written through the DaemonSet's mount"
+    );
 
     // A rollout stops the agent with SIGTERM: it drains, exits 0, and the
     // debug container keeps running.

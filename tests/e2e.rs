@@ -292,8 +292,15 @@ async fn created_but_never_started_container_is_started_not_duplicated() {
         st.container_id.as_deref(),
         Some(format!("containerd://{id}").as_str())
     );
-    assert_eq!(runtime_ids(stack.cri.as_ref(), &pod, "dbg").await, [id]);
     assert!(agent.log().contains("created but never started"));
+    // Whoever starts it links its log, as the kubelet does after its start.
+    let link =
+        kubelet::legacy_log_symlink(&stack.dirs.container_logs, "web", "default", "dbg", &id);
+    assert_eq!(
+        std::fs::read_link(&link).unwrap_or_else(|e| panic!("{}: {e}", link.display())),
+        kubelet::container_log_dir(&stack.dirs.pod_logs, &pod, "dbg").join("0.log")
+    );
+    assert_eq!(runtime_ids(stack.cri.as_ref(), &pod, "dbg").await, [id]);
     stack.teardown().await.unwrap();
 }
 

@@ -2,16 +2,18 @@
 //! in-process against the local API server: targets that are not there yet
 //! or were restarted, the pod's PID namespace modes, and living next to
 //! another creator (adoption, `--mode auto` and the node Lease, `--mode
-//! observe`). Fails, never skips, when containerd cannot start.
+//! observe`), and the CRI config field by field. Fails, never skips, when
+//! containerd cannot start.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{
-    app_pod, debug_container, host_pid, pid_ns, running, runtime_ids, stack, terminated,
-    waiting_reason,
+    app_pod, cri_info, debug_container, eventually, host_pid, pid_ns, running, runtime_ids, stack,
+    terminated, waiting_reason,
 };
 use ephemerald::config::Mode;
 use ephemerald::cri::Runtime;
@@ -24,7 +26,11 @@ use ephemerald_testbed::images::BUSYBOX_IMAGE;
 use ephemerald_testbed::pod_runner::RunningPod;
 use ephemerald_testbed::stack::Stack;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Container, ContainerStatus, EphemeralContainer, Pod};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerStatus, EnvVar, EphemeralContainer, Pod, ResourceRequirements, Service,
+    ServicePort, ServiceSpec,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::task::JoinHandle;
@@ -721,6 +727,247 @@ async fn observe_mode_creates_nothing_and_records_the_other_creators_timeline() 
         writes + 1,
         "only the other creator's status write"
     );
+    agent.stop().await;
+    stack.teardown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// The CRI config, field by field.
+
+/// A Service as kube-apiserver stores one (the local API server applies
+/// the defaults), with the given cluster IP ("" to have one allocated).
+fn service(ns: &str, name: &str, ip: &str, ports: &[(&str, i32, &str)]) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(ip.to_string()).filter(|ip| !ip.is_empty()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, port, proto)| ServicePort {
+                        name: Some(n.to_string()).filter(|n| !n.is_empty()),
+                        port: *port,
+                        protocol: Some(proto.to_string()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An app pod in namespace `shop` whose app container has these resources.
+fn shop_pod(name: &str, requests: &[(&str, &str)], limits: &[(&str, &str)]) -> Pod {
+    let mut pod = app_pod(name);
+    pod.metadata.namespace = Some("shop".into());
+    let list = |l: &[(&str, &str)]| {
+        (!l.is_empty()).then(|| {
+            l.iter()
+                .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+                .collect()
+        })
+    };
+    pod.spec.as_mut().unwrap().containers[0].resources = Some(ResourceRequirements {
+        requests: list(requests),
+        limits: list(limits),
+        ..Default::default()
+    });
+    pod
+}
+
+/// The `KEY=VALUE` environment of an OCI spec.
+fn spec_env(spec: &serde_json::Value) -> BTreeMap<String, String> {
+    spec["process"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.as_str()?.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// What the kubelet v1.36 sets on the CRI container of a `kubectl debug
+/// --target` container, read back from containerd for pods of each QoS
+/// class: `cpu_shares` 2 (`MilliCPUToShares(0)`), the CFS period without a
+/// quota, `oom_score_adj` of the pod's QoS class (`GetContainerOOMScoreAdjust`:
+/// BestEffort 1000, Burstable 999, Guaranteed −997), the default masked
+/// paths with `/proc/interrupts` (`ConvertToRuntimeMaskedPaths`), the
+/// image's user as `run_as_user` (0: busybox names none, `getImageUser`),
+/// the service variables (`getServiceEnvVarMap`: the `kubernetes` Service of
+/// `default` always, the pod's namespace's with service links on), and the
+/// legacy log symlink to the file the runtime writes, which the agent
+/// removes once the runtime no longer holds the container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_debug_container_is_configured_like_the_kubelets() {
+    let stack = stack("par-config").await;
+    let services: Vec<Service> = vec![
+        service(
+            "default",
+            "kubernetes",
+            "10.96.0.1",
+            &[("https", 443, "TCP")],
+        ),
+        service("default", "other", "", &[("", 80, "TCP")]),
+        service(
+            "shop",
+            "web",
+            "10.96.7.7",
+            &[("http", 80, "TCP"), ("metrics", 9090, "UDP")],
+        ),
+        service("shop", "headless", "None", &[("", 80, "TCP")]),
+    ];
+    for s in &services {
+        let ns = s.metadata.namespace.clone().unwrap();
+        Api::<Service>::namespaced(stack.api.client(), &ns)
+            .create(&PostParams::default(), s)
+            .await
+            .unwrap();
+    }
+    let agent = InProcess::start(&stack, Mode::Start).await;
+
+    let mut nolinks = shop_pod("nolinks", &[], &[]);
+    nolinks.spec.as_mut().unwrap().enable_service_links = Some(false);
+    let guaranteed = [("cpu", "100m"), ("memory", "64Mi")];
+    // (pod, links on, the OOM score the kubelet asks for)
+    let pods = [
+        (shop_pod("besteffort", &[], &[]), true, 1000),
+        (nolinks, false, 1000),
+        (shop_pod("burstable", &[("memory", "16Mi")], &[]), true, 999),
+        (shop_pod("guaranteed", &guaranteed, &guaranteed), true, -997),
+    ];
+    let mut dbg = debug_container("dbg", Some("app"), "echo hello-from-dbg; sleep 60");
+    dbg.env = Some(vec![EnvVar {
+        name: "WEB".into(),
+        value: Some("http://$(WEB_SERVICE_HOST):$(WEB_SERVICE_PORT_HTTP)".into()),
+        value_from: None,
+    }]);
+    let kubernetes_env: BTreeMap<String, String> = [
+        ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+        ("KUBERNETES_SERVICE_PORT", "443"),
+        ("KUBERNETES_SERVICE_PORT_HTTPS", "443"),
+        ("KUBERNETES_PORT", "tcp://10.96.0.1:443"),
+        ("KUBERNETES_PORT_443_TCP", "tcp://10.96.0.1:443"),
+        ("KUBERNETES_PORT_443_TCP_PROTO", "tcp"),
+        ("KUBERNETES_PORT_443_TCP_PORT", "443"),
+        ("KUBERNETES_PORT_443_TCP_ADDR", "10.96.0.1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut first = None;
+    for (pod, links, oom) in pods {
+        let name = kubelet::name(&pod).to_string();
+        let (pod, _) = stack.run_pod(pod).await.unwrap();
+        stack.add_ephemeral("shop", &name, &dbg).await.unwrap();
+        let st = stack
+            .wait_pod("shop", &name, &format!("{name}/dbg running"), WAIT, |p| {
+                running(p, "dbg")
+            })
+            .await
+            .unwrap();
+        let id = st
+            .container_id
+            .unwrap()
+            .trim_start_matches("containerd://")
+            .to_string();
+        let info = cri_info(stack.cri.as_ref(), &id).await;
+        let (sent, spec) = (&info["config"], &info["runtimeSpec"]);
+
+        let cpu = &spec["linux"]["resources"]["cpu"];
+        assert_eq!(cpu["shares"], 2, "{name}: MinShares: {cpu}");
+        assert_eq!(cpu["period"], 100_000, "{name}: {cpu}");
+        assert!(cpu["quota"].is_null(), "{name}: no quota: {cpu}");
+        assert!(
+            spec["linux"]["resources"]["memory"]["limit"].is_null(),
+            "{name}: no memory limit"
+        );
+        assert_eq!(
+            sent["linux"]["resources"]["oom_score_adj"], oom,
+            "{name}: the QoS class's OOM score"
+        );
+        // containerd may only raise it (restrict_oom_score_adj on this
+        // machine, whose root lacks CAP_SYS_RESOURCE): at or above the ask.
+        let applied = spec["process"]["oomScoreAdj"].as_i64().unwrap();
+        if oom >= 0 {
+            assert_eq!(applied, oom, "{name}");
+        } else {
+            assert!(applied >= oom, "{name}: {applied}");
+        }
+        assert_eq!(
+            spec["linux"]["maskedPaths"],
+            serde_json::json!(translate::masked_paths(false, &stack.dirs.host)),
+            "{name}"
+        );
+        assert_eq!(
+            spec["process"]["user"]["uid"], 0,
+            "{name}: the image's user"
+        );
+
+        let env = spec_env(spec);
+        let service_vars: BTreeMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| {
+                ["KUBERNETES_", "WEB_", "OTHER_", "HEADLESS_"]
+                    .iter()
+                    .any(|p| k.starts_with(p))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut want = kubernetes_env.clone();
+        if links {
+            for (k, v) in [
+                ("WEB_SERVICE_HOST", "10.96.7.7"),
+                ("WEB_SERVICE_PORT", "80"),
+                ("WEB_SERVICE_PORT_HTTP", "80"),
+                ("WEB_SERVICE_PORT_METRICS", "9090"),
+                ("WEB_PORT", "tcp://10.96.7.7:80"),
+                ("WEB_PORT_80_TCP", "tcp://10.96.7.7:80"),
+                ("WEB_PORT_80_TCP_PROTO", "tcp"),
+                ("WEB_PORT_80_TCP_PORT", "80"),
+                ("WEB_PORT_80_TCP_ADDR", "10.96.7.7"),
+                ("WEB_PORT_9090_UDP", "udp://10.96.7.7:9090"),
+                ("WEB_PORT_9090_UDP_PROTO", "udp"),
+                ("WEB_PORT_9090_UDP_PORT", "9090"),
+                ("WEB_PORT_9090_UDP_ADDR", "10.96.7.7"),
+            ] {
+                want.insert(k.into(), v.into());
+            }
+        }
+        assert_eq!(service_vars, want, "{name}: the service variables");
+        let web = if links {
+            "http://10.96.7.7:80"
+        } else {
+            "http://$(WEB_SERVICE_HOST):$(WEB_SERVICE_PORT_HTTP)"
+        };
+        assert_eq!(env["WEB"], web, "{name}: $(VAR) sees the service variables");
+
+        let link =
+            kubelet::legacy_log_symlink(&stack.dirs.container_logs, &name, "shop", "dbg", &id);
+        let log = kubelet::container_log_dir(&stack.dirs.pod_logs, &pod, "dbg").join("0.log");
+        assert_eq!(std::fs::read_link(&link).unwrap(), log, "{name}");
+        eventually("the output through the link", WAIT, || async {
+            common::log_text(&link)?
+                .contains("hello-from-dbg")
+                .then_some(())
+        })
+        .await;
+        first.get_or_insert((pod, link));
+    }
+
+    // The pod goes (its sandbox and containers removed, as a kubelet
+    // removes them): the agent removes the link at its next sweep.
+    let (pod, link) = first.unwrap();
+    stack.runner.stop(kubelet::uid(&pod)).await.unwrap();
+    eventually("the link removed with the container", WAIT, || async {
+        std::fs::symlink_metadata(&link).is_err().then_some(())
+    })
+    .await;
     agent.stop().await;
     stack.teardown().await.unwrap();
 }

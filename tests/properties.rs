@@ -1,8 +1,9 @@
 //! Property tests: arbitrary pods and ephemeral container specs — the ones
 //! an API server would refuse included — through validation, translation,
 //! planning and status. None may panic, and each keeps its promises: the
-//! refusals name only containers of the pod, a translated config carries
-//! no resources and exactly the kubelet's labels, the plan never starts a
+//! refusals name only containers of the pod, a translated config reserves
+//! nothing (the kubelet's minimum CPU weight, a QoS class's OOM score) and
+//! carries exactly the kubelet's labels, the plan never starts a
 //! container the runtime holds, and the status list is the spec's names,
 //! sorted, with terminated entries kept.
 
@@ -353,6 +354,7 @@ fn dirs() -> NodeDirs {
         pod_logs: PathBuf::from("/var/log/pods"),
         pods: PathBuf::from("/var/lib/kubelet/pods"),
         seccomp: PathBuf::from("/var/lib/kubelet/seccomp"),
+        ..Default::default()
     }
 }
 
@@ -380,7 +382,7 @@ proptest! {
     }
 
     #[test]
-    fn translation_never_panics_adds_no_resources_and_labels_like_the_kubelet(p in pod()) {
+    fn translation_never_panics_reserves_nothing_and_labels_like_the_kubelet(p in pod()) {
         let node = dirs();
         for c in p.spec.as_ref().unwrap().ephemeral_containers.iter().flatten() {
             let mut c = c.clone();
@@ -406,9 +408,16 @@ proptest! {
                     "io.kubernetes.pod.namespace",
                     kubelet::POD_UID_LABEL,
                 ]);
+                // Nothing reserved: the kubelet's minimum weight, no quota, no
+                // memory limit, one of the QoS classes' scores (a container
+                // that requests nothing is never between them).
                 let res = config.linux.as_ref().and_then(|l| l.resources.as_ref());
-                prop_assert!(res.is_none_or(|r| r.cpu_quota == 0 && r.memory_limit_in_bytes == 0
-                    && r.cpu_shares == 0), "no resources: {res:?}");
+                let pod_level = p.spec.as_ref().unwrap().resources.is_some();
+                if c.resources.is_none() && !pod_level {
+                    prop_assert!(res.is_some_and(|r| r.cpu_quota == 0 && r.memory_limit_in_bytes == 0
+                        && r.cpu_shares == 2 && [1000, 999, -997].contains(&r.oom_score_adj)),
+                        "the kubelet's minimum: {res:?}");
+                }
             }
         }
     }

@@ -1,13 +1,15 @@
 //! The production [`Cluster`] and [`EventSink`] on `kube::Client`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerStatus, Event, EventSource, Node, ObjectReference, PersistentVolume,
-    PersistentVolumeClaim, Pod, Secret,
+    PersistentVolumeClaim, Pod, Secret, Service,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -23,12 +25,28 @@ pub const COMPONENT: &str = "ephemerald";
 #[derive(Clone)]
 pub struct KubeCluster {
     client: kube::Client,
+    /// The Services last read, per namespace (and per master service), for
+    /// when the API server does not answer.
+    services_seen: Arc<Mutex<ServicesSeen>>,
+}
+
+#[derive(Default)]
+struct ServicesSeen {
+    lists: HashMap<String, Vec<Service>>,
+    objects: HashMap<(String, String), Option<Service>>,
 }
 
 impl KubeCluster {
     /// Wraps a client.
     pub fn new(client: kube::Client) -> Self {
-        KubeCluster { client }
+        KubeCluster {
+            client,
+            services_seen: Arc::default(),
+        }
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, ServicesSeen> {
+        self.services_seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -126,6 +144,61 @@ impl Cluster for KubeCluster {
         api.get_opt(name)
             .await
             .map_err(|e| K8sError::from_kube("get", format!("node {name}"), e))
+    }
+
+    // Services are read fresh at each start; while the API server does not
+    // answer (or answers 429/5xx), the last answer for the same read is used,
+    // as the kubelet's service lister keeps serving its cache. A read never
+    // answered is an error (the kubelet's "services have not yet been read
+    // at least once").
+    async fn service(&self, namespace: &str, name: &str) -> Result<Option<Service>, K8sError> {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
+        let key = (namespace.to_string(), name.to_string());
+        match api.get_opt(name).await {
+            Ok(s) => {
+                self.seen().objects.insert(key, s.clone());
+                Ok(s)
+            }
+            Err(e) => {
+                let e = K8sError::from_kube("get", format!("service {namespace}/{name}"), e);
+                match self.seen().objects.get(&key).filter(|_| e.is_retryable()) {
+                    Some(last) => {
+                        tracing::warn!(error = %e, "using the service read last time");
+                        Ok(last.clone())
+                    }
+                    None => Err(e),
+                }
+            }
+        }
+    }
+
+    async fn services(&self, namespace: &str) -> Result<Vec<Service>, K8sError> {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
+        // One page of everything: a namespace's Services are few, and the
+        // kubelet's lister holds them all too.
+        match api.list(&ListParams::default()).await {
+            Ok(l) => {
+                self.seen()
+                    .lists
+                    .insert(namespace.to_string(), l.items.clone());
+                Ok(l.items)
+            }
+            Err(e) => {
+                let e = K8sError::from_kube("list", format!("services in {namespace}"), e);
+                match self
+                    .seen()
+                    .lists
+                    .get(namespace)
+                    .filter(|_| e.is_retryable())
+                {
+                    Some(last) => {
+                        tracing::warn!(error = %e, "using the services listed last time");
+                        Ok(last.clone())
+                    }
+                    None => Err(e),
+                }
+            }
+        }
     }
 
     async fn persistent_volume(&self, name: &str) -> Result<Option<PersistentVolume>, K8sError> {

@@ -108,7 +108,7 @@ pub mod kubelet_presence;
 pub use client::{KubeCluster, spawn_event_writer};
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ContainerStatus, Node, PersistentVolume, PersistentVolumeClaim, Secret,
+    ConfigMap, ContainerStatus, Node, PersistentVolume, PersistentVolumeClaim, Secret, Service,
 };
 
 use crate::reconcile::image::DockerConfig;
@@ -234,4 +234,8 @@ pub trait Cluster: Send + Sync {
     async fn persistent_volume(&self, name: &str) -> Result<Option<PersistentVolume>, K8sError>;
     /// The Node, if it exists (its allocatable, for `resourceFieldRef`).
     async fn node(&self, name: &str) -> Result<Option<Node>, K8sError>;
+    /// A Service, if it exists (the master service, for service variables).
+    async fn service(&self, namespace: &str, name: &str) -> Result<Option<Service>, K8sError>;
+    /// Every Service of a namespace (for service variables).
+    async fn services(&self, namespace: &str) -> Result<Vec<Service>, K8sError>;
 }

@@ -624,6 +624,15 @@ impl Agent {
                             "Started",
                             format!("Started container {name}"),
                         ));
+                        // Whoever starts it links its log, as the kubelet does.
+                        super::logs::link_started(
+                            self.runtime.as_ref(),
+                            &self.dirs,
+                            pod,
+                            &name,
+                            &id,
+                        )
+                        .await;
                         Ok(Started::Adopted { id })
                     }
                     Err(e) if e.is_started_elsewhere() => {

@@ -19,7 +19,8 @@ pub struct Amount {
 }
 
 impl Amount {
-    const ZERO: Amount = Amount { num: 0, den: 1 };
+    /// Zero.
+    pub const ZERO: Amount = Amount { num: 0, den: 1 };
     const ONE: Amount = Amount { num: 1, den: 1 };
 
     /// Parses a Kubernetes quantity (`250m`, `1.5Gi`, `2e3`, `128974848`).
@@ -84,16 +85,54 @@ impl Amount {
         self.num == 0
     }
 
+    /// Whether the quantity is above zero (Go's `Sign() == 1`).
+    pub fn is_positive(self) -> bool {
+        self.num > 0
+    }
+
+    /// The sum of two quantities.
+    pub fn plus(self, other: Amount) -> Amount {
+        // Denominators are powers of ten: the larger is a common one.
+        let den = self.den.max(other.den);
+        Amount {
+            num: self
+                .num
+                .saturating_mul(den / self.den)
+                .saturating_add(other.num.saturating_mul(den / other.den)),
+            den,
+        }
+    }
+
+    /// Go's `Quantity.Value()`: whole units, rounded up.
+    pub fn value(self) -> i128 {
+        self.ceil_scaled(1)
+    }
+
+    /// Go's `Quantity.MilliValue()`: thousandths, rounded up.
+    pub fn milli_value(self) -> i128 {
+        self.ceil_scaled(1000)
+    }
+
+    /// Exact comparison of the values (Go's `Quantity.Cmp`).
+    pub fn cmp_value(self, other: Amount) -> std::cmp::Ordering {
+        // Both denominators are positive powers of ten.
+        self.num
+            .saturating_mul(other.den)
+            .cmp(&other.num.saturating_mul(self.den))
+    }
+
+    /// `ceil(self * scale)`. Saturating: an absurd quantity gives a huge
+    /// number, never a panic.
+    fn ceil_scaled(self, scale: i128) -> i128 {
+        let scaled = self.num.saturating_mul(scale);
+        scaled.div_euclid(self.den) + i128::from(scaled.rem_euclid(self.den) != 0)
+    }
+
     /// `ceil(self * scale / (divisor * scale))`, i.e. `ceil(self / divisor)`
     /// after both are rounded up to whole units of `1/scale` (Go's
     /// `MilliValue` with scale 1000, `Value` with scale 1).
     fn divided_by(self, divisor: Amount, scale: i128) -> i128 {
-        // Saturating: an absurd quantity gives a huge number, never a panic.
-        let up = |a: Amount| {
-            let scaled = a.num.saturating_mul(scale);
-            scaled.div_euclid(a.den) + i128::from(scaled.rem_euclid(a.den) != 0)
-        };
-        let (n, d) = (up(self), up(divisor));
+        let (n, d) = (self.ceil_scaled(scale), divisor.ceil_scaled(scale));
         if d == 0 {
             return 0;
         }

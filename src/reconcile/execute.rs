@@ -3,7 +3,8 @@
 //! read the ConfigMaps, Secrets, Node and claims the spec refers to
 //! ([`super::refs`]), prepare the host side (log directory,
 //! termination-message file), build the config, check that the pod volumes
-//! it mounts are set up, CreateContainer, StartContainer — with the
+//! it mounts are set up, CreateContainer, StartContainer, the legacy log
+//! symlink ([`super::logs`]) — with the
 //! kubelet's Events and waiting reasons. A container someone else created first is adopted,
 //! never duplicated.
 
@@ -196,6 +197,7 @@ pub async fn start_with(
         return Ok(adopted(pod, c, id));
     }
 
+    let log_file = Path::new(&cx.sandbox_config.log_directory).join(&config.log_path);
     let t1 = Instant::now();
     let create_issued = SystemTime::now();
     let id = match cx
@@ -234,6 +236,23 @@ pub async fn start_with(
     }
     let start_took = t2.elapsed();
     tracing::info!(pod = kubelet::name(pod), container = %c.name, id = %id, "started ephemeral container");
+    // The kubelet names the link after the sandbox's metadata, which is the pod's.
+    let meta = cx.sandbox_config.metadata.clone().unwrap_or_default();
+    match super::logs::link(
+        &cx.dirs.container_logs,
+        &meta.name,
+        &meta.namespace,
+        &c.name,
+        &id,
+        &log_file,
+    ) {
+        Ok(Some(link)) => {
+            tracing::debug!(container = %c.name, link = %link.display(), "legacy log symlink")
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(container = %c.name, id = %id, log = %log_file.display(),
+            error = %e, "failed to create legacy symbolic link"),
+    }
     event(
         EventType::Normal,
         "Started",

@@ -1,13 +1,22 @@
 //! Reads the API objects an ephemeral container refers to — the ConfigMaps
 //! and Secrets of its `env`/`envFrom`, the node's allocatable for a
 //! `resourceFieldRef`, the claims (and their persistent volumes) behind its
-//! volume mounts — so that translation stays pure. Each
+//! volume mounts, and the Services whose variables every container gets —
+//! so that translation stays pure. Each
 //! object is read once per start attempt; a missing object is recorded as
 //! missing (translation decides whether that is an error), a failed read is
 //! an error of the attempt.
+//!
+//! Services are read per start, not watched: a start is rare, the two
+//! reads (the master service, the pod's namespace) run alongside the
+//! others, and they always see the current Services, where the kubelet's
+//! cached lister may lag behind a Service created just before the pod.
+//! While the API server does not answer, [`crate::k8s::KubeCluster`] gives
+//! the answer of the same read last time, as the kubelet's cache would.
 
-use k8s_openapi::api::core::v1::{EphemeralContainer, PersistentVolume, Pod};
+use k8s_openapi::api::core::v1::{EphemeralContainer, PersistentVolume, Pod, Service};
 
+use super::services::{self, MASTER_NAMESPACE, MASTER_SERVICES};
 use super::translate::{BoundClaim, ClaimSource, Referenced};
 use crate::k8s::{Cluster, K8sError};
 use crate::kubelet;
@@ -25,8 +34,56 @@ const MIGRATED_TO_CSI: &[&str] = &[
     "vsphereVolume",
 ];
 
-/// Reads what `c` refers to in the pod's namespace.
+/// Reads what `c` refers to in the pod's namespace, and the Services the
+/// pod sees.
 pub async fn read(
+    cluster: &dyn Cluster,
+    pod: &Pod,
+    c: &EphemeralContainer,
+) -> Result<Referenced, K8sError> {
+    let (mut refs, services) =
+        futures::try_join!(read_objects(cluster, pod, c), read_services(cluster, pod))?;
+    refs.services = services;
+    Ok(refs)
+}
+
+/// The master services of `default` and, with service links on, every
+/// Service of the pod's namespace (one list covers both when the pod is in
+/// `default`). [`services::visible`] picks from them.
+pub async fn read_services(cluster: &dyn Cluster, pod: &Pod) -> Result<Vec<Service>, K8sError> {
+    let ns = kubelet::namespace(pod);
+    let links = services::service_links(pod);
+    let masters = async {
+        let mut out = Vec::new();
+        if !(links && ns == MASTER_NAMESPACE) {
+            for name in MASTER_SERVICES {
+                out.extend(cluster.service(MASTER_NAMESPACE, name).await?);
+            }
+        }
+        Ok::<_, K8sError>(out)
+    };
+    let own = async {
+        if !links {
+            return Ok(vec![]);
+        }
+        let mut list = cluster.services(ns).await?;
+        // Items of a namespaced list are in that namespace.
+        for s in &mut list {
+            s.metadata.namespace.get_or_insert_with(|| ns.to_string());
+        }
+        Ok(list)
+    };
+    let (mut masters, own) = futures::try_join!(masters, own)?;
+    for s in &mut masters {
+        s.metadata
+            .namespace
+            .get_or_insert_with(|| MASTER_NAMESPACE.to_string());
+    }
+    masters.extend(own);
+    Ok(masters)
+}
+
+async fn read_objects(
     cluster: &dyn Cluster,
     pod: &Pod,
     c: &EphemeralContainer,

@@ -2,18 +2,23 @@
 //! `ContainerConfig` the kubelet would send (`generateContainerConfig` and
 //! friends in the kubelet's `kuberuntime`). No I/O: everything observed on
 //! the node (target id, resolved image, attempt, host files) comes in
-//! [`Inputs`]. Ephemeral containers get **no resources**.
+//! [`Inputs`]. Ephemeral containers get **no resources** of their own, but
+//! the kubelet's Linux resources for a container without any
+//! ([`super::resources`]), and the service variables of the Services read
+//! for them ([`super::services`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{
     Capabilities, EphemeralContainer, Pod, PodSecurityContext, SELinuxOptions, SecurityContext,
-    Volume,
+    Service, Volume,
 };
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
+use super::host::HostFacts;
+use super::{resources, services};
 use crate::cri::proto::{
     self, ContainerConfig, ContainerMetadata, ImageSpec, KeyValue, LinuxContainerConfig,
     LinuxContainerSecurityContext, Mount, MountPropagation, NamespaceMode, NamespaceOption,
@@ -60,8 +65,9 @@ pub struct HostFiles {
     pub termination_log: Option<PathBuf>,
 }
 
-/// The node's directories in the kubelet's layout.
-#[derive(Debug, Clone)]
+/// The node: its directories in the kubelet's layout, and what the
+/// kubelet reads from the host at start.
+#[derive(Debug, Clone, Default)]
 pub struct NodeDirs {
     /// Pod log directories (`/var/log/pods`).
     pub pod_logs: PathBuf,
@@ -69,6 +75,10 @@ pub struct NodeDirs {
     pub pods: PathBuf,
     /// Where `Localhost` seccomp profiles live (`/var/lib/kubelet/seccomp`).
     pub seccomp: PathBuf,
+    /// Where the legacy log symlinks go (`/var/log/containers`).
+    pub container_logs: PathBuf,
+    /// The host's memory, cgroup mode, huge page sizes, CPUs.
+    pub host: HostFacts,
 }
 
 /// Why a spec cannot be turned into a container config. The kubelet reports
@@ -152,6 +162,9 @@ pub enum TranslateError {
     /// `runAsNonRoot` cannot be honoured; the message is the kubelet's.
     #[error("{0}")]
     NonRoot(String),
+    /// A `supplementalGroupsPolicy` the CRI has no value for (the kubelet's message).
+    #[error("unsupported supplementalGroupsPolicy: {0}")]
+    SupplementalGroupsPolicy(String),
 }
 
 /// The pod's namespace modes before any target is applied: PID is NODE
@@ -276,8 +289,12 @@ pub fn container_config_with(
         stdin_once: c.stdin_once.unwrap_or(false),
         tty: c.tty.unwrap_or(false),
         linux: Some(LinuxContainerConfig {
-            resources: None,
-            security_context: Some(security_context(inp)),
+            resources: Some(resources::linux_resources(
+                pod,
+                c.resources.as_ref(),
+                &inp.node.host,
+            )),
+            security_context: Some(security_context(inp)?),
         }),
     })
 }
@@ -364,10 +381,13 @@ fn verify_run_as_non_root(
     }
 }
 
-/// Paths the kubelet masks in /proc and /sys unless `procMount: Unmasked`.
+/// Paths the kubelet masks in /proc and /sys unless `procMount: Unmasked`
+/// (`pkg/securitycontext/util.go`, 1.36, kept in sync with moby's list);
+/// the host's `thermal_throttle` directories follow them.
 pub const DEFAULT_MASKED_PATHS: &[&str] = &[
     "/proc/asound",
     "/proc/acpi",
+    "/proc/interrupts",
     "/proc/kcore",
     "/proc/keys",
     "/proc/latency_stats",
@@ -388,7 +408,20 @@ pub const DEFAULT_READONLY_PATHS: &[&str] = &[
     "/proc/sysrq-trigger",
 ];
 
-fn security_context(inp: &Inputs<'_>) -> LinuxContainerSecurityContext {
+/// The masked paths for a container: none with `procMount: Unmasked`, else
+/// the defaults and the host's CPU `thermal_throttle` directories.
+pub fn masked_paths(unmasked: bool, host: &HostFacts) -> Vec<String> {
+    if unmasked {
+        return vec![];
+    }
+    DEFAULT_MASKED_PATHS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(host.thermal_throttle.iter().cloned())
+        .collect()
+}
+
+fn security_context(inp: &Inputs<'_>) -> Result<LinuxContainerSecurityContext, TranslateError> {
     let pod = inp.pod;
     let effective = effective_security_context(pod, inp.container);
     let sc = effective.clone().unwrap_or_default();
@@ -405,11 +438,7 @@ fn security_context(inp: &Inputs<'_>) -> LinuxContainerSecurityContext {
         readonly_rootfs: sc.read_only_root_filesystem.unwrap_or(false),
         // Only an explicit `allowPrivilegeEscalation: false` sets no_new_privs.
         no_new_privs: sc.allow_privilege_escalation == Some(false),
-        masked_paths: if unmasked {
-            vec![]
-        } else {
-            strings(DEFAULT_MASKED_PATHS)
-        },
+        masked_paths: masked_paths(unmasked, &inp.node.host),
         readonly_paths: if unmasked {
             vec![]
         } else {
@@ -423,19 +452,28 @@ fn security_context(inp: &Inputs<'_>) -> LinuxContainerSecurityContext {
         ..Default::default()
     };
     if out.run_as_user.is_none() {
-        // Fall back to the image's user, as the kubelet does.
-        if let Some(uid) = inp.image.uid {
-            out.run_as_user = Some(proto::Int64Value { value: uid });
-        } else if !inp.image.username.is_empty() {
-            out.run_as_username = inp.image.username.clone();
+        // The image's user, as the kubelet's `getImageUser` reads it: its
+        // numeric user, else its user name, else root (an image that names
+        // no user runs as uid 0, and the kubelet says so).
+        match (inp.image.uid, inp.image.username.as_str()) {
+            (Some(uid), _) => out.run_as_user = Some(proto::Int64Value { value: uid }),
+            (None, "") => out.run_as_user = Some(proto::Int64Value { value: 0 }),
+            (None, name) => out.run_as_username = name.to_string(),
         }
     }
     if let Some(psc) = pod.spec.as_ref().and_then(|s| s.security_context.as_ref()) {
         out.supplemental_groups.extend(psc.fs_group);
         out.supplemental_groups
             .extend(psc.supplemental_groups.iter().flatten().copied());
+        out.supplemental_groups_policy = match psc.supplemental_groups_policy.as_deref() {
+            None | Some("Merge") => proto::SupplementalGroupsPolicy::Merge as i32,
+            Some("Strict") => proto::SupplementalGroupsPolicy::Strict as i32,
+            Some(other) => {
+                return Err(TranslateError::SupplementalGroupsPolicy(other.to_string()));
+            }
+        };
     }
-    out
+    Ok(out)
 }
 
 fn capabilities(c: &Capabilities) -> proto::Capability {
@@ -503,6 +541,9 @@ pub struct Referenced {
     pub claims: BTreeMap<String, BoundClaim>,
     /// The node's `status.allocatable`, read when a `resourceFieldRef` needs it.
     pub node_allocatable: Option<BTreeMap<String, Quantity>>,
+    /// The Services the pod may see (the master service of `default`, and
+    /// with service links those of its namespace), for the service variables.
+    pub services: Vec<Service>,
 }
 
 /// A persistent volume claim's bound volume, as far as its mount path goes.
@@ -564,14 +605,31 @@ fn set_env(out: &mut Vec<(String, String)>, name: &str, value: String) {
 
 /// The kubelet's `makeEnvironmentVariables`: `envFrom` first (in order,
 /// with its prefix; every key taken as it is), then `env`, whose values
-/// replace earlier ones in place. A literal value expands `$(NAME)` against
-/// everything set before it; a value from a source is taken verbatim. A
-/// missing optional source or key leaves the variable unset; a missing
-/// required one is an error in the kubelet's words.
+/// replace earlier ones in place, then the service variables the container
+/// does not set itself. A literal value expands `$(NAME)` against
+/// everything set before it, then the service variables; a value from a
+/// source is taken verbatim. A missing optional source or key leaves the
+/// variable unset; a missing required one is an error in the kubelet's words.
 fn environment(
     pod: &Pod,
     c: &EphemeralContainer,
     refs: &Referenced,
+) -> Result<Vec<(String, String)>, TranslateError> {
+    let service_env = services::pod_service_env(pod, &refs.services);
+    let mut out = container_environment(pod, c, refs, &service_env)?;
+    for (k, v) in service_env {
+        if !out.iter().any(|(have, _)| *have == k) {
+            out.push((k, v));
+        }
+    }
+    Ok(out)
+}
+
+fn container_environment(
+    pod: &Pod,
+    c: &EphemeralContainer,
+    refs: &Referenced,
+    service_env: &[(String, String)],
 ) -> Result<Vec<(String, String)>, TranslateError> {
     let namespace = kubelet::namespace(pod);
     let mut out: Vec<(String, String)> = Vec::new();
@@ -647,8 +705,12 @@ fn environment(
                 }
             }
             _ => {
-                let lookup =
-                    |name: &str| out.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+                let lookup = |name: &str| {
+                    out.iter()
+                        .chain(service_env)
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.as_str())
+                };
                 expand(literal, lookup)
             }
         };

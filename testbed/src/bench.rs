@@ -634,6 +634,8 @@ async fn scale_run(opts: &BenchOpts, pods: usize) -> Result<Scale, BenchError> {
         pod_logs: dir.join("pod-logs"),
         pods: dir.join("kubelet/pods"),
         seccomp: dir.join("kubelet/seccomp"),
+        container_logs: dir.join("containers"),
+        host: ephemerald::reconcile::host::HostFacts::detect(),
     };
     let cri = Arc::new(CriClient::new(&fake.endpoint())?.with_timeout(Duration::from_secs(10)));
     let runner = PodRunner::new(cri as Arc<dyn Runtime>, dirs.clone(), "/kubepods");
@@ -672,6 +674,8 @@ async fn scale_run(opts: &BenchOpts, pods: usize) -> Result<Scale, BenchError> {
         "",
         "--pod-logs-dir",
         &dirs.pod_logs.display().to_string(),
+        "--container-logs-dir",
+        &dirs.container_logs.display().to_string(),
         "--kubelet-root-dir",
         &dir.join("kubelet").display().to_string(),
         "--mode",

@@ -1956,6 +1956,13 @@ fn container_config_json(c: &ContainerConfig) -> Value {
                 .i("oom_score_adj", r.oom_score_adj)
                 .s("cpuset_cpus", &r.cpuset_cpus)
                 .s("cpuset_mems", &r.cpuset_mems)
+                .list(
+                    "hugepage_limits",
+                    r.hugepage_limits
+                        .iter()
+                        .map(|h| json!({"page_size": h.page_size, "limit": h.limit}))
+                        .collect(),
+                )
                 .map("unified", &r.unified)
                 .i("memory_swap_limit_in_bytes", r.memory_swap_limit_in_bytes)
                 .done()
@@ -2218,6 +2225,13 @@ fn container_spec(inp: &SpecInputs<'_>) -> Value {
     if sc.as_ref().is_some_and(|s| s.no_new_privs) {
         process["noNewPrivileges"] = true.into();
     }
+    // containerd copies the CRI's OOM score into the process (restricted
+    // to no lower than its own when configured so; the fake is not).
+    if let Some(r) = c.linux.as_ref().and_then(|l| l.resources.as_ref())
+        && r.oom_score_adj != 0
+    {
+        process["oomScoreAdj"] = r.oom_score_adj.into();
+    }
 
     // Files containerd provides for every container unless a CRI mount
     // covers the same path, then the CRI mounts as bind mounts.
@@ -2285,6 +2299,16 @@ fn container_spec(inp: &SpecInputs<'_>) -> Value {
         }
         if r.memory_limit_in_bytes != 0 {
             resources["memory"] = json!({"limit": r.memory_limit_in_bytes});
+        }
+        if !r.hugepage_limits.is_empty() {
+            resources["hugepageLimits"] = r
+                .hugepage_limits
+                .iter()
+                .map(|h| json!({"pageSize": h.page_size, "limit": h.limit}))
+                .collect();
+        }
+        if !r.unified.is_empty() {
+            resources["unified"] = json!(r.unified);
         }
     }
     let mut linux = json!({"resources": resources, "namespaces": namespaces});

@@ -78,6 +78,8 @@ impl Stack {
             pod_logs: containerd.pod_logs_dir(),
             pods: containerd.pods_dir(),
             seccomp: containerd.dir().join("seccomp"),
+            container_logs: containerd.dir().join("containers"),
+            host: ephemerald::reconcile::host::HostFacts::detect(),
         };
         let runner = PodRunner::new(
             cri.clone() as Arc<dyn Runtime>,
@@ -135,6 +137,8 @@ impl Stack {
             &self.containerd.socket().display().to_string(),
             "--pod-logs-dir",
             &dirs.pod_logs.display().to_string(),
+            "--container-logs-dir",
+            &dirs.container_logs.display().to_string(),
             "--kubelet-root-dir",
             &kubelet_root,
             "--mode",

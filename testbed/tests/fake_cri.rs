@@ -54,6 +54,8 @@ impl Bed {
             pod_logs: tmp.path().join("pod-logs"),
             pods: tmp.path().join("pods"),
             seccomp: tmp.path().join("seccomp"),
+            container_logs: tmp.path().join("containers"),
+            host: Default::default(),
         };
         let runner = PodRunner::new(cri.clone() as Arc<dyn Runtime>, dirs.clone(), "/kubepods");
         Bed {

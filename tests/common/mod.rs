@@ -44,6 +44,8 @@ impl Bed {
             pod_logs: containerd.pod_logs_dir(),
             pods: containerd.pods_dir(),
             seccomp: containerd.dir().join("seccomp"),
+            container_logs: containerd.dir().join("containers"),
+            host: ephemerald::reconcile::host::HostFacts::detect(),
         };
         let runner = PodRunner::new(
             cri.clone() as Arc<dyn Runtime>,
@@ -124,13 +126,17 @@ pub async fn host_pid(rt: &dyn Runtime, id: &str) -> u32 {
 
 /// The OCI runtime spec containerd generated for a container.
 pub async fn runtime_spec(rt: &dyn Runtime, id: &str) -> serde_json::Value {
+    cri_info(rt, id).await["runtimeSpec"].clone()
+}
+
+/// containerd's verbose info of a container: `config` (the CRI config it
+/// was sent), `runtimeSpec` (the OCI spec it made of it), `pid`, ….
+pub async fn cri_info(rt: &dyn Runtime, id: &str) -> serde_json::Value {
     let resp = rt
         .container_status(id, true)
         .await
         .expect("ContainerStatus");
-    let info: serde_json::Value =
-        serde_json::from_str(resp.info.get("info").expect("verbose info")).expect("info json");
-    info["runtimeSpec"].clone()
+    serde_json::from_str(resp.info.get("info").expect("verbose info")).expect("info json")
 }
 
 /// The PID namespace link of a host process, e.g. `pid:[4026532201]`.

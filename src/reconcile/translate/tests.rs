@@ -48,6 +48,19 @@ struct Case {
     image: ResolvedImage,
     host_files: HostFiles,
     refs: Referenced,
+    host: HostFacts,
+}
+
+/// A cgroup v1 host with 8 GiB, memsw, 2 MiB and 1 GiB pages, no thermal
+/// throttling directories.
+fn host() -> HostFacts {
+    HostFacts {
+        memory_capacity: 8 << 30,
+        cgroup2: false,
+        swap_controller: true,
+        hugepage_sizes: vec!["2MB".into(), "1GB".into()],
+        thermal_throttle: vec![],
+    }
 }
 
 impl Case {
@@ -62,6 +75,7 @@ impl Case {
             },
             host_files: HostFiles::default(),
             refs: Referenced::default(),
+            host: host(),
         }
     }
     fn run(&self) -> Result<ContainerConfig, TranslateError> {
@@ -69,6 +83,8 @@ impl Case {
             pod_logs: "/var/log/pods".into(),
             pods: "/var/lib/kubelet/pods".into(),
             seccomp: "/var/lib/kubelet/seccomp".into(),
+            container_logs: "/var/log/containers".into(),
+            host: self.host.clone(),
         };
         container_config_with(
             &Inputs {
@@ -173,10 +189,65 @@ fn labels_and_annotations_are_the_kubelets() {
     assert_eq!(a["io.kubernetes.pod.terminationGracePeriod"], "30");
 }
 
+/// No requests or limits of its own, but the kubelet's resources for a
+/// container without any (the details, per host and QoS class, are
+/// `resources`' tests): `MilliCPUToShares(0)` = 2, the CFS period with no
+/// quota, the QoS class's OOM score, zero hugetlb limits, no memory limit.
 #[test]
-fn no_resources_ever() {
-    let cfg = Case::new().run().unwrap();
-    assert!(cfg.linux.unwrap().resources.is_none());
+fn resources_are_the_kubelets_minimum_for_a_container_that_requests_nothing() {
+    let burstable = |mut p: Pod| {
+        p.spec.as_mut().unwrap().containers = vec![k8s_openapi::api::core::v1::Container {
+            name: "app".into(),
+            resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
+                requests: Some(BTreeMap::from([("memory".into(), Quantity("1Gi".into()))])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        p
+    };
+    let critical = |mut p: Pod| {
+        let s = p.spec.as_mut().unwrap();
+        s.priority_class_name = Some("system-node-critical".into());
+        s.priority = Some(2_000_001_000);
+        p
+    };
+    // (kubelet rule, pod, oom_score_adj)
+    let table = [
+        (
+            "BestEffort pod: besteffortOOMScoreAdj",
+            pod(PodSpec::default()),
+            1000,
+        ),
+        (
+            "Burstable pod, the ephemeral container requests nothing: 1000 - 0, kept below BestEffort",
+            burstable(pod(PodSpec::default())),
+            999,
+        ),
+        (
+            "node-critical pod: guaranteedOOMScoreAdj",
+            critical(pod(PodSpec::default())),
+            -997,
+        ),
+    ];
+    for (rule, p, oom) in table {
+        let mut case = Case::new();
+        case.pod = p;
+        let r = case.run().unwrap().linux.unwrap().resources.unwrap();
+        assert_eq!(r.cpu_shares, 2, "{rule}: MinShares");
+        assert_eq!((r.cpu_period, r.cpu_quota), (100_000, 0), "{rule}");
+        assert_eq!(r.memory_limit_in_bytes, 0, "{rule}");
+        assert_eq!(r.oom_score_adj, oom, "{rule}");
+        assert_eq!(
+            r.hugepage_limits
+                .iter()
+                .map(|h| (h.page_size.as_str(), h.limit))
+                .collect::<Vec<_>>(),
+            [("2MB", 0), ("1GB", 0)],
+            "{rule}"
+        );
+        assert!(r.unified.is_empty(), "{rule}: cgroup v1");
+    }
 }
 
 #[test]
@@ -371,6 +442,7 @@ fn refs() -> Referenced {
         )]),
         claims: BTreeMap::new(),
         node_allocatable: None,
+        services: vec![],
     }
 }
 
@@ -600,17 +672,72 @@ fn no_new_privs_only_when_escalation_is_denied() {
     }
 }
 
+/// `ConvertToRuntimeMaskedPaths` / `ConvertToRuntimeReadonlyPaths` (1.36):
+/// the default lists (with `/proc/interrupts`, and the host's CPU
+/// `thermal_throttle` directories after them) unless `procMount: Unmasked`,
+/// which masks nothing and makes nothing read-only.
 #[test]
-fn privileged_and_unmasked_proc() {
-    let mut case = Case::new();
-    case.container.security_context = Some(SecurityContext {
-        privileged: Some(true),
-        proc_mount: Some("Unmasked".into()),
-        ..Default::default()
-    });
-    let sc = case.sc();
-    assert!(sc.privileged);
-    assert!(sc.masked_paths.is_empty() && sc.readonly_paths.is_empty());
+fn masked_and_read_only_paths_follow_proc_mount() {
+    let thermal = "/sys/devices/system/cpu/cpu0/thermal_throttle".to_string();
+    let defaults: Vec<String> = DEFAULT_MASKED_PATHS.iter().map(|s| s.to_string()).collect();
+    let readonly: Vec<String> = DEFAULT_READONLY_PATHS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let with_thermal: Vec<String> = defaults.iter().cloned().chain([thermal.clone()]).collect();
+    // (rule, procMount, the host's thermal_throttle dirs, masked, read-only)
+    type Row<'a> = (
+        &'a str,
+        Option<&'a str>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+    );
+    let table: [Row; 4] = [
+        (
+            "no procMount: the defaults",
+            None,
+            vec![],
+            defaults.clone(),
+            readonly.clone(),
+        ),
+        (
+            "procMount Default: the defaults",
+            Some("Default"),
+            vec![],
+            defaults.clone(),
+            readonly.clone(),
+        ),
+        (
+            "the host's thermal_throttle directories are masked after the defaults",
+            None,
+            vec![thermal.clone()],
+            with_thermal,
+            readonly.clone(),
+        ),
+        (
+            "procMount Unmasked: nothing",
+            Some("Unmasked"),
+            vec![thermal],
+            vec![],
+            vec![],
+        ),
+    ];
+    for (rule, proc_mount, thermal, masked, ro) in table {
+        let mut case = Case::new();
+        case.host.thermal_throttle = thermal;
+        case.container.security_context = Some(SecurityContext {
+            privileged: Some(true),
+            proc_mount: proc_mount.map(Into::into),
+            ..Default::default()
+        });
+        let sc = case.sc();
+        assert!(sc.privileged, "{rule}");
+        assert_eq!(sc.masked_paths, masked, "{rule}");
+        assert_eq!(sc.readonly_paths, ro, "{rule}");
+    }
+    assert!(DEFAULT_MASKED_PATHS.contains(&"/proc/interrupts"));
+    assert_eq!(DEFAULT_MASKED_PATHS.len(), 12);
 }
 
 #[test]
@@ -662,17 +789,161 @@ fn seccomp_profiles() {
     }
 }
 
+/// `determineEffectiveSecurityContext` with `getImageUser`: without a
+/// `runAsUser` the image's numeric user is `run_as_user`, a user name is
+/// `run_as_username`, and an image that names no user runs as uid 0 —
+/// always set, as the kubelet sets it.
 #[test]
 fn image_user_is_the_fallback() {
+    // (rule, runAsUser, image uid, image user name, run_as_user, run_as_username)
+    let table = [
+        ("numeric image user", None, Some(65534), "", Some(65534), ""),
+        ("named image user", None, None, "nobody", None, "nobody"),
+        (
+            "no image user: root, said explicitly",
+            None,
+            None,
+            "",
+            Some(0),
+            "",
+        ),
+        (
+            "runAsUser wins over the image",
+            Some(1000),
+            Some(65534),
+            "",
+            Some(1000),
+            "",
+        ),
+        (
+            "runAsUser wins over a named user",
+            Some(1000),
+            None,
+            "nobody",
+            Some(1000),
+            "",
+        ),
+    ];
+    for (rule, run_as, uid, name, want_uid, want_name) in table {
+        let mut case = Case::new();
+        case.image.uid = uid;
+        case.image.username = name.into();
+        case.container.security_context = run_as.map(|u| SecurityContext {
+            run_as_user: Some(u),
+            ..Default::default()
+        });
+        let sc = case.sc();
+        assert_eq!(sc.run_as_user.map(|u| u.value), want_uid, "{rule}");
+        assert_eq!(sc.run_as_username, want_name, "{rule}");
+    }
+}
+
+/// `supplementalGroupsPolicy` of the pod goes to the runtime; one the CRI
+/// has no value for is the kubelet's config error.
+#[test]
+fn supplemental_groups_policy_is_passed_on() {
+    let with = |policy: Option<&str>| {
+        let mut case = Case::new();
+        case.pod = pod(PodSpec {
+            security_context: Some(PodSecurityContext {
+                supplemental_groups_policy: policy.map(Into::into),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        case.run().map(|c| {
+            c.linux
+                .unwrap()
+                .security_context
+                .unwrap()
+                .supplemental_groups_policy
+        })
+    };
+    let merge = proto::SupplementalGroupsPolicy::Merge as i32;
+    let strict = proto::SupplementalGroupsPolicy::Strict as i32;
+    assert_eq!(with(None), Ok(merge));
+    assert_eq!(with(Some("Merge")), Ok(merge));
+    assert_eq!(with(Some("Strict")), Ok(strict));
+    assert_eq!(
+        with(Some("Loose")).unwrap_err().to_string(),
+        "unsupported supplementalGroupsPolicy: Loose"
+    );
+}
+
+fn service(ns: &str, name: &str, ip: &str, port: i32) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+            cluster_ip: Some(ip.into()),
+            ports: Some(vec![k8s_openapi::api::core::v1::ServicePort {
+                name: Some("https".into()),
+                port,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// `makeEnvironmentVariables`: the container's own variables first, then
+/// the service variables it does not set; `$(VAR)` in a value and in the
+/// command sees the service variables; with `enableServiceLinks: false`
+/// only the master service's.
+#[test]
+fn service_variables_come_after_the_containers_own_and_never_override_them() {
+    let services = vec![
+        service("default", "kubernetes", "10.96.0.1", 443),
+        service("shop", "web", "10.96.7.7", 8443),
+    ];
     let mut case = Case::new();
-    case.image.uid = Some(65534);
-    assert_eq!(case.sc().run_as_user.unwrap().value, 65534);
+    case.refs.services = services.clone();
+    case.container.env = Some(vec![
+        env("KUBERNETES_SERVICE_PORT", "6443"),
+        env(
+            "API",
+            "https://$(KUBERNETES_SERVICE_HOST):$(KUBERNETES_SERVICE_PORT)",
+        ),
+    ]);
+    case.container.args = Some(vec!["-c".into(), "curl $(WEB_SERVICE_HOST)".into()]);
+    let envs = case.envs().unwrap();
+    assert_eq!(
+        envs[..2],
+        pairs(&[
+            ("KUBERNETES_SERVICE_PORT", "6443"),
+            ("API", "https://10.96.0.1:6443"),
+        ])[..],
+        "the container's own first; its value wins"
+    );
+    let services_env: Vec<&str> = envs[2..].iter().map(|(k, _)| k.as_str()).collect();
+    assert!(
+        services_env.contains(&"KUBERNETES_SERVICE_HOST"),
+        "{services_env:?}"
+    );
+    assert!(
+        services_env.contains(&"WEB_PORT_8443_TCP_ADDR"),
+        "{services_env:?}"
+    );
+    assert!(
+        !services_env.contains(&"KUBERNETES_SERVICE_PORT"),
+        "set once, by the container: {services_env:?}"
+    );
+    assert_eq!(case.run().unwrap().args, ["-c", "curl 10.96.7.7"]);
 
     let mut case = Case::new();
-    case.image.username = "nobody".into();
-    let sc = case.sc();
-    assert!(sc.run_as_user.is_none());
-    assert_eq!(sc.run_as_username, "nobody");
+    case.refs.services = services;
+    case.pod.spec.as_mut().unwrap().enable_service_links = Some(false);
+    let names: Vec<String> = case.envs().unwrap().into_iter().map(|(k, _)| k).collect();
+    assert!(
+        names.iter().all(|k| k.starts_with("KUBERNETES_")),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), 8, "{names:?}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! (`apidiscovery.k8s.io/v2`) form that kubectl asks for first. Lists what
 //! this server serves: pods (with `ephemeralcontainers` and `status`),
 //! events, secrets, configmaps, persistentvolumeclaims, persistentvolumes,
-//! nodes, namespaces, `coordination.k8s.io/v1` leases and `events.k8s.io/v1` events.
+//! nodes, namespaces, services, `coordination.k8s.io/v1` leases and `events.k8s.io/v1` events.
 
 use serde_json::{Value, json};
 
@@ -132,6 +132,16 @@ const CORE: Group = Group {
             verbs: &RW,
             short: &[],
             categories: &[],
+            subresources: &[],
+        },
+        Resource {
+            name: "services",
+            singular: "service",
+            kind: "Service",
+            namespaced: true,
+            verbs: &RW,
+            short: &["svc"],
+            categories: &["all"],
             subresources: &[],
         },
     ],

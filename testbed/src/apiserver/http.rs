@@ -718,6 +718,7 @@ fn resolve(group: &str, version: &str, resource: &str) -> Result<(Kind, View), S
         ("", "v1", "persistentvolumeclaims") => Ok((Kind::PersistentVolumeClaim, View::Core)),
         ("", "v1", "persistentvolumes") => Ok((Kind::PersistentVolume, View::Core)),
         ("", "v1", "nodes") => Ok((Kind::Node, View::Core)),
+        ("", "v1", "services") => Ok((Kind::Service, View::Core)),
         ("events.k8s.io", "v1", "events") => Ok((Kind::Event, View::EventsV1)),
         ("coordination.k8s.io", "v1", "leases") => Ok((Kind::Lease, View::Core)),
         _ => Err(StatusError::no_such_path()),

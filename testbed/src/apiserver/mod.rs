@@ -6,7 +6,8 @@
 //!
 //! What it owns: pods, events (core/v1 and the events.k8s.io/v1 view of
 //! them), secrets, configmaps, persistentvolumeclaims, persistentvolumes
-//! and nodes (both cluster-scoped) and `coordination.k8s.io/v1` leases,
+//! and nodes (both cluster-scoped), services (defaulted and given a
+//! cluster IP, see `services.rs`) and `coordination.k8s.io/v1` leases,
 //! in memory, under one global resourceVersion counter like etcd's
 //! revision. Namespaces are implicit (every name exists). Every kind is
 //! created, read, listed, updated, patched, deleted and watched the same
@@ -59,6 +60,7 @@ mod kinds;
 mod object_watch;
 mod patch;
 mod select;
+mod services;
 mod status;
 mod store;
 mod table;

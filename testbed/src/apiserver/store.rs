@@ -127,6 +127,7 @@ pub(crate) enum Kind {
     /// Cluster-scoped.
     Node,
     Lease,
+    Service,
 }
 
 impl Kind {
@@ -139,6 +140,7 @@ impl Kind {
             Kind::PersistentVolume => "persistentvolumes",
             Kind::Node => "nodes",
             Kind::Lease => "leases",
+            Kind::Service => "services",
         }
     }
     pub fn group(self) -> &'static str {
@@ -156,6 +158,7 @@ impl Kind {
             Kind::PersistentVolume => "PersistentVolume",
             Kind::Node => "Node",
             Kind::Lease => "Lease",
+            Kind::Service => "Service",
         }
     }
     pub fn api_version(self) -> &'static str {
@@ -882,6 +885,18 @@ impl Store {
         obj["kind"] = json!(kind.kind());
         obj["apiVersion"] = json!(kind.api_version());
         let mut st = self.lock();
+        if kind == Kind::Service {
+            let taken = st
+                .objects
+                .iter()
+                .filter(|((k, _, _), _)| *k == Kind::Service)
+                .filter_map(|(_, o)| o["spec"]["clusterIP"].as_str().map(str::to_string))
+                .collect();
+            let errs = super::services::default_service(&mut obj, &taken);
+            if !errs.is_empty() {
+                return Err(StatusError::invalid(&kind.qualified_kind(), &name, &errs));
+            }
+        }
         let k = (kind, ns.to_string(), name.clone());
         if st.objects.contains_key(&k) {
             return Err(StatusError::already_exists(
