@@ -614,7 +614,7 @@ async fn burst(opts: &BenchOpts, stack: &Stack, watched: &Watched) -> Result<Bur
 
 /// One scale run: `pods` pods in a fresh API server, the fake CRI, the
 /// agent binary.
-async fn scale_run(opts: &BenchOpts, pods: usize) -> Result<Scale, BenchError> {
+pub async fn scale_run(opts: &BenchOpts, pods: usize) -> Result<Scale, BenchError> {
     let dir = opts.dir.join(format!("scale-{pods}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
