@@ -167,7 +167,7 @@ pub struct Config {
     /// containerd namespace.
     pub containerd_namespace: String,
     /// The node's directories.
-    pub dirs: crate::reconcile::translate::NodeDirs,
+    pub dirs: crate::kubelet::NodeDirs,
     /// Resync period.
     pub resync: Duration,
     /// Start mode.
@@ -247,7 +247,7 @@ impl RunArgs {
             containerd_socket: Some(PathBuf::from(&self.containerd_socket))
                 .filter(|p| !p.as_os_str().is_empty()),
             containerd_namespace: self.containerd_namespace.clone(),
-            dirs: crate::reconcile::translate::NodeDirs {
+            dirs: crate::kubelet::NodeDirs {
                 pod_logs: self.pod_logs_dir.clone(),
                 pods: self.kubelet_root_dir.join("pods"),
                 seccomp: self.kubelet_root_dir.join("seccomp"),

@@ -237,6 +237,17 @@ pub fn uid(pod: &Pod) -> &str {
     pod.metadata.uid.as_deref().unwrap_or_default()
 }
 
+/// The node's directories in the kubelet's layout.
+#[derive(Debug, Clone)]
+pub struct NodeDirs {
+    /// Pod log directories (`/var/log/pods`).
+    pub pod_logs: PathBuf,
+    /// The kubelet's per-pod directories (`/var/lib/kubelet/pods`).
+    pub pods: PathBuf,
+    /// Where `Localhost` seccomp profiles live (`/var/lib/kubelet/seccomp`).
+    pub seccomp: PathBuf,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,10 +12,9 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Cluster, ContainerEvent, EventSink, K8sError};
+use super::{Cluster, ContainerEvent, DockerConfig, EventSink, K8sError};
 use crate::backoff::Backoff;
 use crate::kubelet;
-use crate::reconcile::image::DockerConfig;
 
 /// Name in Events' `source.component` and `reportingComponent`.
 pub const COMPONENT: &str = "ephemerald";

@@ -6,9 +6,13 @@
 pub mod agent;
 pub mod downward;
 pub mod execute;
+pub mod exits;
 pub mod image;
+pub mod memory;
 pub mod observe;
 pub mod plan;
 pub mod refs;
 pub mod status;
+pub mod timeline;
 pub mod translate;
+pub mod watch;
