@@ -1,6 +1,11 @@
 //! Command line and environment: one clap definition, validated once at
 //! start into a [`Config`] that is passed down by reference. Nothing deeper
 //! in the agent reads environment variables.
+//!
+//! Owns: every flag and env var of `ephemerald run` and their validation
+//! (exit code 64 for a bad one). Must not hold the lab's commands (those are
+//! `ephemerald-testbed`'s) nor be read from deep inside the agent: parts get
+//! the values they need.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

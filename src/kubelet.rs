@@ -3,6 +3,9 @@
 //! for ordinary containers of the pod: label and annotation keys, their value
 //! formats, the container hash, and the log and pod directory layout.
 //! (From the kubelet's `pkg/kubelet/kuberuntime/labels.go` and `helpers.go`.)
+//!
+//! Owns: names and formats only; no I/O. Must not depend on the rest of
+//! the agent: everything else builds on it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -93,7 +93,7 @@ impl Watcher {
         self.health.lock().unwrap_or_else(|e| e.into_inner()).mode = self.gate.describe();
     }
 
-    /// `--mode auto`: looks at the Lease every [`LEASE_CHECK`] and flips the
+    /// `--mode auto`: looks at the Lease every `LEASE_CHECK` (10 s) and flips the
     /// gate when a kubelet appears or goes away, until `cancel`.
     pub async fn run(self, cancel: CancellationToken) {
         loop {

@@ -20,6 +20,10 @@
 //! values, security context values, env var name syntax), which a pod that
 //! reached the agent has already passed; and go-cmp's diff text after
 //! "may not be changed" (ours lists the differing fields instead).
+//!
+//! Its parts: `containers` (the spec rules), `status` (the status
+//! update rules). Must not depend on the lab; the lab's API server depends on
+//! it.
 
 use std::collections::BTreeSet;
 use std::fmt;

@@ -1,4 +1,6 @@
 //! The production [`Cluster`] and [`EventSink`] on `kube::Client`.
+//!
+//! Must not decide anything: every failure goes back as a [`K8sError`].
 
 use std::time::SystemTime;
 

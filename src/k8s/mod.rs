@@ -1,6 +1,12 @@
 //! The Kubernetes API boundary: what the agent reads from and writes to the
 //! API server, behind narrow traits ([`EventSink`]), with the production
 //! implementation on `kube::Client`.
+//!
+//! Owns: every request the agent makes to the API server except the pod
+//! watch itself ([`Cluster`]), the kubelet-style Events ([`EventSink`]) and the
+//! error type. Must not import from `reconcile`: the types it returns
+//! (ConfigMaps, Secrets, the pull secrets' [`DockerConfig`]) are defined
+//! here or in k8s-openapi, and what they mean is the caller's business.
 
 use k8s_openapi::api::core::v1::Pod;
 

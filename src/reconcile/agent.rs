@@ -1,8 +1,9 @@
 //! The reconcile pass of one pod, and the [`Agent`] that runs it.
 //!
-//! A pass is level-triggered: it observes the runtime ([`observe`]), plans
-//! (pure, [`plan`]), executes the plan ([`execute`]), computes the status
-//! (pure, [`status`]) and writes it if it changed. Running it again at any
+//! A pass is level-triggered: it observes the runtime
+//! ([`super::observe`]), plans (pure, [`super::plan`]), executes the plan
+//! ([`super::execute`]), computes the status (pure, [`super::status`]) and
+//! writes it if it changed. Running it again at any
 //! time converges to the same state. What a pass needs to remember between
 //! passes is in [`super::memory`] (failures and backoff, settled containers)
 //! and [`super::timeline`]; which container belongs to which pod, for exit

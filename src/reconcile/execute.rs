@@ -6,6 +6,10 @@
 //! it mounts are set up, CreateContainer, StartContainer — with the
 //! kubelet's Events and waiting reasons. A container someone else created first is adopted,
 //! never duplicated.
+//!
+//! Owns: the steps of one start and their Events and waiting reasons. Must
+//! not decide whether to start (that is `plan`) nor remember failures (that
+//! is the pass, in `memory`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};

@@ -2,6 +2,9 @@
 //! them: the pull policy with the API defaults, the default `:latest` tag,
 //! the image reference grammar (`InvalidImageName`), and matching the pod's
 //! `imagePullSecrets` to a registry.
+//!
+//! Pure. Must not pull or ask the runtime: `execute` does, with these
+//! rules.
 
 use k8s_openapi::api::core::v1::EphemeralContainer;
 

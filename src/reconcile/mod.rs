@@ -2,6 +2,12 @@
 //! compute status (pure). `translate` turns one ephemeral container into the
 //! CRI config the kubelet would send; `refs` reads the API objects it
 //! refers to first.
+//!
+//! The pass is [`agent`]; what calls it is [`watch`]; [`exits`] turns exit
+//! events into passes; [`memory`] and [`timeline`] are what a pass keeps
+//! between passes. `plan`, `status` and `translate` are pure and hold the
+//! kubelet's rules; `observe`, `execute` and `refs` do the I/O, through
+//! `cri` and `k8s` only.
 
 pub mod agent;
 pub mod downward;

@@ -4,6 +4,9 @@
 //! way the kubelet does (from the file bound at `terminationMessagePath`, or
 //! the log tail for `FallbackToLogsOnError`), and the sandbox details
 //! (cgroup parent, log directory) from containerd's verbose sandbox info.
+//!
+//! Owns: reading the runtime's view of a pod. Must not change anything in
+//! the runtime.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};

@@ -5,6 +5,8 @@
 //! object is read once per start attempt; a missing object is recorded as
 //! missing (translation decides whether that is an error), a failed read is
 //! an error of the attempt.
+//!
+//! Must not interpret what it reads: `translate` does.
 
 use k8s_openapi::api::core::v1::{EphemeralContainer, PersistentVolume, Pod};
 

@@ -10,6 +10,8 @@
 //! - a terminated status is final: it is reused as it is, never moved back;
 //! - ephemeral containers are never ready and never restarted;
 //! - the list is sorted by name and always written whole.
+//!
+//! Must not write anything: the pass sends what this computes.
 
 use std::collections::BTreeMap;
 

@@ -3,6 +3,10 @@
 //! friends in the kubelet's `kuberuntime`). No I/O: everything observed on
 //! the node (target id, resolved image, attempt, host files) comes in
 //! [`Inputs`]. Ephemeral containers get **no resources**.
+//!
+//! Its parts: `env` (environment), `security` (security context),
+//! `volumes` (mounts). Must not do I/O: the referenced objects come in
+//! [`Referenced`], read by `refs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

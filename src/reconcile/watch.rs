@@ -3,7 +3,7 @@
 //! for each change a pass reads ([`trigger_fingerprint`]), for each pod the
 //! exit forwarder requeues, and after each pass's requested delay (retries,
 //! the periodic resync). On the way into the controller every event is
-//! looked at once ([`look_at_event`]): it is stamped (the start of
+//! looked at once (`look_at_event`): it is stamped (the start of
 //! `event_to_create`), and a pod that gained an ephemeral container gets its
 //! pass at once — the fast path, ahead of the controller's queue.
 //!

@@ -1,6 +1,8 @@
 //! `validateEphemeralContainers` and `ValidatePodEphemeralContainersUpdate`:
 //! what kube-apiserver refuses in `spec.ephemeralContainers`, in the order
 //! it reports it, and the refusals the agent applies itself ([`refusals`]).
+//!
+//! Pure; part of the parent module.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,5 +1,7 @@
 //! The part of `ValidatePodStatusUpdate` that status writers trip over:
 //! terminated states going back, and `qosClass`.
+//!
+//! Pure; part of the parent module.
 
 use std::collections::BTreeSet;
 

@@ -2,6 +2,8 @@
 //! `makeEnvironmentVariables` builds it: `envFrom`, then `env` with values
 //! from ConfigMaps, Secrets, the downward API and resources, and `$(NAME)`
 //! expansion.
+//!
+//! Pure; part of the parent module.
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{EphemeralContainer, Pod};

@@ -2,6 +2,8 @@
 //! merged under the container's (`DetermineEffectiveSecurityContext`),
 //! `runAsNonRoot` checked against the image's user, capabilities, SELinux,
 //! seccomp and AppArmor profiles, masked and read-only paths.
+//!
+//! Pure; part of the parent module.
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::{

@@ -2,6 +2,8 @@
 //! the host path where the kubelet materialises the volume (its plugin
 //! directories; bound claims by their PersistentVolume's kind), then
 //! `/etc/hosts`, then the termination-message file.
+//!
+//! Pure; part of the parent module.
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Volume;
