@@ -32,8 +32,10 @@ pub enum Command {
 /// Whether the agent starts containers itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
-    /// Start containers only while no live kubelet serves this node (its
-    /// Lease in kube-node-lease is missing or expired); observe otherwise.
+    /// Start containers only on positive evidence that no kubelet serves
+    /// this node (its Lease in kube-node-lease expired and the Node's Ready
+    /// heartbeat stale, or neither exists); observe otherwise, also while
+    /// they cannot be read.
     Auto,
     /// Always start (a node without a kubelet, or whose kubelet has its
     /// ephemeral-container path removed).

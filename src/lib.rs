@@ -17,7 +17,7 @@
 //! 3. **Plan.** [`reconcile::plan`] (pure) decides per container: start,
 //!    resume a half-done start, refuse with the kubelet's waiting reason, or
 //!    nothing — gated by the API server's rules ([`validation`]), the mode
-//!    ([`mode`]) and the per-pod backoff ([`reconcile::memory`]).
+//!    ([`reconcile::mode`]) and the per-pod backoff ([`reconcile::memory`]).
 //! 4. **Execute.** [`reconcile::execute`] ensures the image
 //!    ([`reconcile::image`]), turns the spec into the CRI config the kubelet
 //!    would send ([`reconcile::translate`], with the objects it refers to
@@ -44,7 +44,6 @@ pub mod cri;
 pub mod events;
 pub mod k8s;
 pub mod kubelet;
-pub mod mode;
 pub mod observe;
 pub mod reconcile;
 pub mod validation;
@@ -62,6 +61,7 @@ use crate::k8s::{Cluster, K8sError, KubeCluster};
 use crate::observe::{Health, Metrics, SharedHealth};
 use crate::reconcile::agent::Agent;
 use crate::reconcile::exits;
+use crate::reconcile::mode::{self, ModeGate};
 use crate::reconcile::watch::PodWatch;
 
 /// Why the agent stopped.
@@ -176,16 +176,11 @@ async fn run_inner(
     };
     let runtime_name = wait_for_runtime(runtime.as_ref(), &health, &shutdown).await;
     let cluster: Arc<dyn Cluster> = Arc::new(KubeCluster::new(client.clone()));
-    let gate = mode::Watcher::initial(config.mode, cluster.as_ref(), &config.node_name).await;
-    let mode_watcher = mode::Watcher {
-        cluster: cluster.clone(),
-        node: config.node_name.clone(),
-        gate: Arc::new(gate),
-        health: health.clone(),
-        metrics: metrics.clone(),
-    };
-    tracing::info!(node = %config.node_name, runtime = %runtime_name, "{}", mode_watcher.gate.describe());
-    mode_watcher.show();
+    let mut tasks = JoinSet::new();
+    let gate = mode_watcher(&config, &client, &metrics, &health, &mut tasks, &shutdown).await;
+    tracing::info!(node = %config.node_name, runtime = %runtime_name, "{}", gate.describe());
+    metrics.starting.set(i64::from(gate.starting()));
+    lock(&health).mode = gate.describe();
 
     let (events, _writer) =
         k8s::spawn_event_writer(client.clone(), config.node_name.clone(), shutdown.clone());
@@ -195,7 +190,7 @@ async fn run_inner(
         cluster,
         Arc::new(events),
         config.dirs.clone(),
-        mode_watcher.gate.clone(),
+        gate,
         config.resync,
         Backoff::new(config.backoff_initial, config.backoff_max, false),
         metrics.clone(),
@@ -205,10 +200,6 @@ async fn run_inner(
         agent: agent.clone(),
     });
 
-    let mut tasks = JoinSet::new();
-    if config.mode == Mode::Auto {
-        tasks.spawn(mode_watcher.run(shutdown.clone()));
-    }
     if let Some(listener) = listener {
         tasks.spawn(health_server(
             listener,
@@ -224,7 +215,7 @@ async fn run_inner(
         containerd_socket: config.containerd_socket,
         namespace: config.containerd_namespace,
         index: agent.exits.clone(),
-        requeue,
+        requeue: requeue.clone(),
     };
     forwarder.spawn(&mut tasks, shutdown.clone());
     let pod_watch = PodWatch {
@@ -233,7 +224,8 @@ async fn run_inner(
         agent,
         health,
         resync: config.resync,
-        requeue: requeued,
+        requeue,
+        requeued,
     };
     pod_watch.run(&mut tasks, shutdown.clone()).await;
 
@@ -244,6 +236,34 @@ async fn run_inner(
         Ok(())
     } else {
         Err(Error::ControllerStopped)
+    }
+}
+
+/// The mode watcher: the gate `--mode` asks for; for `auto`,
+/// [`mode::auto`] follows the node's Lease and Node (its tasks in `tasks`)
+/// and returns the gate after its first decision.
+async fn mode_watcher(
+    config: &Config,
+    client: &kube::Client,
+    metrics: &Arc<Metrics>,
+    health: &SharedHealth,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> Arc<ModeGate> {
+    match config.mode {
+        Mode::Start => Arc::new(ModeGate::new(true, "--mode start")),
+        Mode::Observe => Arc::new(ModeGate::new(false, "--mode observe")),
+        Mode::Auto => {
+            mode::auto(
+                client.clone(),
+                &config.node_name,
+                metrics.clone(),
+                health.clone(),
+                tasks,
+                shutdown.clone(),
+            )
+            .await
+        }
     }
 }
 

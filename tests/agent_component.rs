@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use ephemerald::config::{Config, Mode};
 use ephemerald::cri::{CriClient, Runtime};
 use ephemerald::kubelet;
+use ephemerald::observe::ModeChangeLabels;
 use ephemerald::reconcile::agent::{Agent, Creator};
 use ephemerald::reconcile::translate::{self, HostFiles, NodeDirs, ResolvedImage};
 use ephemerald::validation;
@@ -1576,6 +1577,352 @@ async fn auto_mode_without_a_live_lease_starts() {
         );
         bed.stop_agent().await;
     }
+}
+
+/// `t` as the API's timestamp type.
+fn api_time(t: SystemTime) -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::try_from(t).expect("a time in range")
+}
+
+/// The Node as a kubelet registers it: `nodeInfo`, its own endpoint in
+/// `daemonEndpoints`, and a `Ready` condition last heartbeating at
+/// `heartbeat` (a node status object of the real shape).
+fn kubelet_node(heartbeat: SystemTime) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}},
+        "spec": {},
+        "status": {
+            "conditions": [ready_condition(heartbeat)],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {
+                "architecture": "amd64", "bootID": "b", "containerRuntimeVersion": "containerd://1.6.20",
+                "kernelVersion": "6.1.0", "kubeProxyVersion": "", "kubeletVersion": "v1.36.0",
+                "machineID": "m", "operatingSystem": "linux", "osImage": "Debian GNU/Linux 12",
+                "systemUUID": "s",
+            },
+            "addresses": [{"type": "Hostname", "address": NODE}],
+        },
+    })
+}
+
+fn ready_condition(heartbeat: SystemTime) -> serde_json::Value {
+    let hb = api_time(heartbeat)
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    serde_json::json!({
+        "type": "Ready", "status": "True", "reason": "KubeletReady",
+        "message": "kubelet is posting ready status",
+        "lastHeartbeatTime": hb, "lastTransitionTime": hb,
+    })
+}
+
+/// The kubelet registers its node (heartbeating now).
+async fn register_node(bed: &Bed) {
+    let node: Node = serde_json::from_value(kubelet_node(SystemTime::now())).expect("a Node");
+    Api::<Node>::all(bed.api.client())
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("node registered");
+}
+
+/// The kubelet's node status update: a new `Ready` heartbeat, through
+/// `nodes/NAME/status`.
+async fn heartbeat(bed: &Bed, at: SystemTime) {
+    let patch = serde_json::json!({"status": {"conditions": [ready_condition(at)]}});
+    Api::<Node>::all(bed.api.client())
+        .patch_status(NODE, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("node status written");
+}
+
+/// The kubelet's lease controller: creates the Lease, or renews it with a
+/// PUT of the last one read (optimistic concurrency). Returns when it
+/// holds until.
+async fn renew_lease(bed: &Bed, duration_secs: i32) -> SystemTime {
+    let leases: Api<Lease> = Api::namespaced(bed.api.client(), "kube-node-lease");
+    let renewed = SystemTime::now();
+    let spec = LeaseSpec {
+        holder_identity: Some(NODE.into()),
+        lease_duration_seconds: Some(duration_secs),
+        renew_time: Some(MicroTime(api_time(renewed))),
+        ..Default::default()
+    };
+    match leases.get_opt(NODE).await.expect("lease read") {
+        Some(mut lease) => {
+            lease.spec = Some(spec);
+            leases
+                .replace(NODE, &PostParams::default(), &lease)
+                .await
+                .expect("lease renewed");
+        }
+        None => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(NODE.into()),
+                    namespace: Some("kube-node-lease".into()),
+                    ..Default::default()
+                },
+                spec: Some(spec),
+            };
+            leases
+                .create(&PostParams::default(), &lease)
+                .await
+                .expect("lease created");
+        }
+    }
+    // The API keeps microseconds, as the decision reads it.
+    let micros = renewed
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_micros();
+    SystemTime::UNIX_EPOCH
+        + Duration::from_micros(micros as u64)
+        + Duration::from_secs(u64::from(duration_secs.unsigned_abs()))
+}
+
+/// Waits until the gate says `starting`; returns when it was seen so (polled
+/// every 10 ms).
+async fn wait_mode(agent: &Agent, starting: bool) -> SystemTime {
+    eventually(&format!("the mode to be starting={starting}"), WAIT, || {
+        (agent.mode.starting() == starting).then(SystemTime::now)
+    })
+    .await
+}
+
+fn mode_changes(agent: &Agent, to: &str) -> u64 {
+    agent
+        .metrics
+        .mode_changes
+        .get_or_create(&ModeChangeLabels { to: to.into() })
+        .get()
+}
+
+/// `--mode auto` next to a kubelet's life, as on a node where the agent
+/// starts right after the kubelet registered the node: registered and
+/// heartbeating but no Lease yet → nothing starts; the Lease appears →
+/// still nothing; Lease and heartbeat run out → containers start within a
+/// second of the last window running out (a timer, not a poll); the
+/// kubelet comes back → observing within a second. Each change is counted
+/// and shown in the gauge and `/readyz`'s mode line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_follows_a_kubelet_from_registration_to_death_and_back() {
+    let mut bed = Bed::new().await;
+    register_node(&bed).await;
+    let agent = bed
+        .start_agent(Opts {
+            mode: Mode::Auto,
+            ..Opts::default()
+        })
+        .await;
+    assert!(!agent.mode.starting(), "{}", agent.mode.describe());
+    assert!(
+        agent.mode.describe().contains(&format!(
+            "a kubelet v1.36.0 registered Node {NODE} and its Lease kube-node-lease/{NODE} is not there yet"
+        )),
+        "{}",
+        agent.mode.describe()
+    );
+    let (pod, _) = bed.run_pod(app_pod("kubelet-life")).await;
+    let writes = bed.api.status_history("default", "kubelet-life").len();
+    bed.add_ephemeral("kubelet-life", &[debug("dbg", Some("app"))])
+        .await;
+    bed.passes(4).await;
+    assert!(
+        bed.runtime_containers(&pod, "dbg").is_empty(),
+        "registered, no Lease yet: nothing starts"
+    );
+
+    // The kubelet's lease controller creates the Lease (short, for the test).
+    let lease_until = renew_lease(&bed, 2).await;
+    eventually("the Lease in the mode's reason", WAIT, || {
+        agent.mode.describe().contains("renewed").then_some(())
+    })
+    .await;
+    bed.passes(3).await;
+    assert!(!agent.mode.starting(), "{}", agent.mode.describe());
+    assert!(
+        bed.runtime_containers(&pod, "dbg").is_empty(),
+        "Lease fresh: nothing starts"
+    );
+
+    // The kubelet dies: its last heartbeat is older than the grace, and the
+    // Lease runs out at `lease_until`.
+    heartbeat(&bed, SystemTime::now() - Duration::from_secs(120)).await;
+    let stale_written = SystemTime::now();
+    let last_window = lease_until.max(stale_written);
+    let flipped = wait_mode(&agent, true).await;
+    assert!(
+        flipped >= lease_until,
+        "not before the Lease ran out: {:?} early",
+        lease_until.duration_since(flipped).unwrap_or_default()
+    );
+    assert!(
+        flipped.duration_since(last_window).unwrap_or_default() < Duration::from_secs(1),
+        "starting within a second of the last window running out, not {:?} after",
+        flipped.duration_since(last_window)
+    );
+    let st = bed
+        .wait_status("kubelet-life", "dbg", "running", is_running)
+        .await;
+    let t = agent
+        .timelines()
+        .into_iter()
+        .find(|t| t.container == "dbg")
+        .expect("dbg's timeline");
+    assert_eq!(t.creator, Some(Creator::Agent));
+    let created = t.created.expect("created");
+    assert!(
+        created >= lease_until,
+        "created only after the Lease ran out"
+    );
+    assert!(
+        created.duration_since(last_window).unwrap_or_default() < Duration::from_secs(1),
+        "created within a second of the last window running out, not {:?} after",
+        created.duration_since(last_window)
+    );
+    assert_eq!(
+        container_id(&st),
+        format!("containerd://{}", bed.only_container(&pod, "dbg").id)
+    );
+    assert!(
+        bed.api.status_history("default", "kubelet-life").len() > writes,
+        "the agent reports what it started"
+    );
+    assert_eq!(mode_changes(&agent, "starting"), 1);
+    let metrics = agent.metrics.encode();
+    assert!(
+        metrics.contains(r#"ephemerald_mode{mode="starting",rule="no_kubelet"} 1"#),
+        "{metrics}"
+    );
+    let ready = agent.health.lock().unwrap().readiness().1;
+    assert!(
+        ready.contains("mode: starting ephemeral containers (")
+            && ready.contains(&format!("Lease kube-node-lease/{NODE} expired")),
+        "{ready}"
+    );
+
+    // The kubelet comes back and renews its Lease: observing within a second.
+    let renewed_at = SystemTime::now();
+    renew_lease(&bed, 40).await;
+    let observing = wait_mode(&agent, false).await;
+    assert!(
+        observing.duration_since(renewed_at).unwrap_or_default() < Duration::from_secs(1),
+        "observing within a second of the renewal, not {:?} after",
+        observing.duration_since(renewed_at)
+    );
+    assert_eq!(mode_changes(&agent, "observing"), 1);
+    let metrics = agent.metrics.encode();
+    assert!(
+        metrics.contains(r#"ephemerald_mode{mode="observing",rule="lease_renewed"} 1"#)
+            && !metrics.contains(r#"ephemerald_mode{mode="starting""#),
+        "one series, the current mode: {metrics}"
+    );
+    bed.add_ephemeral("kubelet-life", &[debug("dbg2", Some("app"))])
+        .await;
+    bed.passes(4).await;
+    assert!(
+        bed.runtime_containers(&pod, "dbg2").is_empty(),
+        "a live kubelet's container: not started"
+    );
+}
+
+/// What the agent started it reports to the end: `dbg`, started while no
+/// kubelet served the node, is still running when a kubelet comes back;
+/// its exit gets a terminated status from the (now observing) agent. `theirs`,
+/// created and reported by the kubelet, is never written by the agent, not
+/// even after it exits and the kubelet has not said so yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_reports_what_it_started_after_a_kubelet_came_back() {
+    let mut bed = Bed::new().await;
+    let agent = bed
+        .start_agent(Opts {
+            mode: Mode::Auto,
+            ..Opts::default()
+        })
+        .await;
+    assert!(agent.mode.starting(), "{}", agent.mode.describe());
+    let (pod, running) = bed.run_pod(app_pod("handover")).await;
+    bed.add_ephemeral("handover", &[debug("dbg", Some("app"))])
+        .await;
+    let st = bed
+        .wait_status("handover", "dbg", "running", is_running)
+        .await;
+    let ours = bed.only_container(&pod, "dbg").id;
+    assert_eq!(container_id(&st), format!("containerd://{ours}"));
+
+    // A kubelet comes up on the node.
+    register_node(&bed).await;
+    renew_lease(&bed, 40).await;
+    wait_mode(&agent, false).await;
+
+    // It starts a container of its own and reports it.
+    let stored = bed
+        .add_ephemeral("handover", &[debug("theirs", Some("app"))])
+        .await;
+    let theirs_spec = stored
+        .spec
+        .as_ref()
+        .and_then(|s| s.ephemeral_containers.as_ref())
+        .and_then(|v| v.iter().find(|c| c.name == "theirs"))
+        .expect("stored container")
+        .clone();
+    let app_id = running.containers.get("app").expect("app").clone();
+    let theirs = bed
+        .create_as_kubelet(&pod, &running, &theirs_spec, Some(&app_id), true)
+        .await;
+    let mut statuses = bed
+        .pod("handover")
+        .status
+        .unwrap()
+        .ephemeral_container_statuses
+        .unwrap();
+    let kubelet_says: ContainerStatus = serde_json::from_value(serde_json::json!({
+        "name": "theirs", "ready": false, "restartCount": 0, "image": BUSYBOX_IMAGE,
+        "imageID": "", "containerID": format!("containerd://{theirs}"),
+        "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+    }))
+    .unwrap();
+    statuses.push(kubelet_says.clone());
+    statuses.sort_by(|a, b| a.name.cmp(&b.name));
+    bed.pods()
+        .patch_status(
+            "handover",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"status": {"ephemeralContainerStatuses": statuses}})),
+        )
+        .await
+        .expect("the kubelet's status write");
+    let kubelet_wrote = bed.api.status_history("default", "handover").len();
+
+    // Both exit; only ours is the agent's to report.
+    bed.fake.exit(&ours, 3);
+    bed.fake.exit(&theirs, 4);
+    let st = bed
+        .wait_status("handover", "dbg", "terminated", |s| exit_code(s).is_some())
+        .await;
+    assert_eq!(exit_code(&st), Some(3));
+    assert_eq!(container_id(&st), format!("containerd://{ours}"));
+    bed.passes(4).await;
+    let after = bed.api.status_history("default", "handover");
+    assert!(after.len() > kubelet_wrote, "the agent wrote dbg's exit");
+    for w in &after[kubelet_wrote..] {
+        let t = w
+            .ephemeral_container_statuses
+            .iter()
+            .find(|s| s.name == "theirs")
+            .expect("theirs kept in every write");
+        assert_eq!(
+            t, &kubelet_says,
+            "the agent never writes the kubelet's container"
+        );
+    }
+    assert!(!agent.mode.starting(), "{}", agent.mode.describe());
+    assert_eq!(
+        bed.calls("CreateContainer"),
+        3,
+        "app, dbg (the agent's), theirs (the kubelet's)"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{
-    app_pod, debug_container, host_pid, pid_ns, running, runtime_ids, stack, waiting_reason,
+    app_pod, debug_container, host_pid, pid_ns, running, runtime_ids, stack, terminated,
+    waiting_reason,
 };
 use ephemerald::config::Mode;
 use ephemerald::cri::Runtime;
@@ -523,6 +524,106 @@ async fn auto_mode_observes_next_to_a_live_lease_and_starts_once_it_expired() {
         runtime_ids(stack.cri.as_ref(), &pod, "dbg").await,
         [id.trim_start_matches("containerd://")]
     );
+    agent.stop().await;
+    stack.teardown().await.unwrap();
+}
+
+/// What the agent started it reports to the end, on real containerd: a
+/// container started while no kubelet served the node is still running
+/// when a kubelet comes back (its Lease renewed); the agent turns to
+/// observing — a container added now is not started — and still writes
+/// the terminated status of its own when it exits (exit code 3, its id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_reports_what_it_started_until_terminated_after_a_kubelet_came_back() {
+    let stack = stack("par-handover").await;
+    let agent = InProcess::start(&stack, Mode::Auto).await;
+    assert!(
+        agent.agent.mode.starting(),
+        "{}",
+        agent.agent.mode.describe()
+    );
+    let (pod, _) = stack.run_pod(app_pod("handover")).await.unwrap();
+    let script = "trap 'exit 3' TERM; while true; do sleep 0.1; done";
+    stack
+        .add_ephemeral(
+            "default",
+            "handover",
+            &debug_container("dbg", Some("app"), script),
+        )
+        .await
+        .unwrap();
+    let st = wait_running(&stack, "handover", "dbg").await;
+    let ours = st
+        .container_id
+        .unwrap()
+        .trim_start_matches("containerd://")
+        .to_string();
+
+    // A kubelet comes up on the node.
+    put_lease(&stack, Duration::ZERO).await;
+    let deadline = Instant::now() + WAIT;
+    while agent.agent.mode.starting() {
+        assert!(
+            Instant::now() < deadline,
+            "observing once the Lease is fresh"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stack
+        .add_ephemeral(
+            "default",
+            "handover",
+            &debug_container("later", Some("app"), "sleep 60"),
+        )
+        .await
+        .unwrap();
+    agent.passes(4).await;
+    assert!(
+        runtime_ids(stack.cri.as_ref(), &pod, "later")
+            .await
+            .is_empty(),
+        "a kubelet serves the node: the agent starts nothing new"
+    );
+
+    // Ours exits; the observing agent reports it.
+    stack.cri.stop_container(&ours, 10).await.unwrap();
+    let done = stack
+        .wait_pod(
+            "default",
+            "handover",
+            "handover/dbg terminated",
+            WAIT,
+            |p| terminated(p, "dbg"),
+        )
+        .await
+        .unwrap();
+    let t = done.state.unwrap().terminated.unwrap();
+    assert_eq!(t.exit_code, 3);
+    assert_eq!(
+        t.container_id.as_deref(),
+        Some(format!("containerd://{ours}").as_str())
+    );
+    // The agent notes its write once the API server's answer is back,
+    // which may be after the stored pod already shows it.
+    let deadline = Instant::now() + WAIT;
+    let timeline = loop {
+        let t = agent
+            .agent
+            .timelines()
+            .into_iter()
+            .find(|t| t.container == "dbg")
+            .expect("dbg's timeline");
+        if t.terminated_written.is_some() {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent wrote the terminated status: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(timeline.creator, Some(Creator::Agent));
+    assert!(!agent.agent.mode.starting());
     agent.stop().await;
     stack.teardown().await.unwrap();
 }

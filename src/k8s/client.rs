@@ -4,7 +4,6 @@
 
 use std::time::SystemTime;
 
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerStatus, Event, EventSource, Node, ObjectReference, PersistentVolume,
     PersistentVolumeClaim, Pod, Secret,
@@ -92,13 +91,6 @@ impl Cluster for KubeCluster {
             }
         }
         Ok(out)
-    }
-
-    async fn node_lease(&self, node: &str) -> Result<Option<Lease>, K8sError> {
-        let api: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
-        api.get_opt(node)
-            .await
-            .map_err(|e| K8sError::from_kube("get", format!("lease kube-node-lease/{node}"), e))
     }
 
     async fn config_map(&self, namespace: &str, name: &str) -> Result<Option<ConfigMap>, K8sError> {

@@ -110,9 +110,9 @@ impl MemoryEvents {
 }
 
 mod client;
+pub mod kubelet_presence;
 pub use client::{KubeCluster, spawn_event_writer};
 
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerStatus, Node, PersistentVolume, PersistentVolumeClaim, Secret,
 };
@@ -256,8 +256,6 @@ pub trait Cluster: Send + Sync {
         namespace: &str,
         names: &[String],
     ) -> Result<Vec<DockerConfig>, K8sError>;
-    /// The node's Lease in `kube-node-lease`, if there is one.
-    async fn node_lease(&self, node: &str) -> Result<Option<Lease>, K8sError>;
     /// A ConfigMap, if it exists (for env).
     async fn config_map(&self, namespace: &str, name: &str) -> Result<Option<ConfigMap>, K8sError>;
     /// A Secret, if it exists (for env).

@@ -69,6 +69,22 @@ pub struct ErrorLabels {
     pub code: String,
 }
 
+/// Labels of the mode gauge: the mode and the rule that decided it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    /// `starting` or `observing`.
+    pub mode: String,
+    /// The rule (`lease_renewed`, `no_kubelet`, `flag`, …).
+    pub rule: String,
+}
+
+/// Labels of the mode change counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeChangeLabels {
+    /// The mode changed to: `starting` or `observing`.
+    pub to: String,
+}
+
 /// The agent's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -86,6 +102,10 @@ pub struct Metrics {
     pub status_patches: Counter,
     /// 1 while the agent starts containers, 0 while it only observes.
     pub starting: Gauge,
+    /// 1 for the current mode and the rule that decided it (one series).
+    pub mode: Family<ModeLabels, Gauge>,
+    /// Changes of the mode after the first decision.
+    pub mode_changes: Family<ModeChangeLabels, Counter>,
     /// Pods with ephemeral containers whose latest watch event has not been
     /// reconciled yet.
     pub queue_depth: Gauge,
@@ -108,6 +128,8 @@ impl Default for Metrics {
         let reconcile_errors = Counter::default();
         let status_patches = Counter::default();
         let starting = Gauge::default();
+        let mode = Family::<ModeLabels, Gauge>::default();
+        let mode_changes = Family::<ModeChangeLabels, Counter>::default();
         let queue_depth = Gauge::default();
         let watch_restarts = Counter::default();
         let errors = Family::<ErrorLabels, Counter>::default();
@@ -143,6 +165,16 @@ impl Default for Metrics {
             starting.clone(),
         );
         registry.register(
+            "mode",
+            "1 for the current mode and the rule that decided it",
+            mode.clone(),
+        );
+        registry.register(
+            "mode_changes",
+            "Changes of the mode after the first decision, by the mode changed to",
+            mode_changes.clone(),
+        );
+        registry.register(
             "reconcile_queue_depth",
             "Pods with ephemeral containers waiting for a reconcile",
             queue_depth.clone(),
@@ -166,6 +198,8 @@ impl Default for Metrics {
             reconcile_errors,
             status_patches,
             starting,
+            mode,
+            mode_changes,
             queue_depth,
             watch_restarts,
             errors,

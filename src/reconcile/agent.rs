@@ -13,7 +13,7 @@
 //! must not watch anything itself, nor decide the mode (it reads
 //! [`ModeGate`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use super::exits::ExitIndex;
 use super::memory::Memory;
+pub use super::mode::ModeGate;
 use super::observe::{self, Observed};
 use super::plan::{self, Gates};
 use super::status;
@@ -33,7 +34,6 @@ use crate::backoff::Backoff;
 use crate::cri::{CriError, Runtime};
 use crate::k8s::{Cluster, ContainerEvent, EventSink, EventType, K8sError};
 use crate::kubelet;
-use crate::mode::ModeGate;
 use crate::observe::{Metrics, SharedHealth};
 use crate::validation;
 
@@ -258,6 +258,23 @@ impl Agent {
         };
         if starting {
             self.write_status(pod, uid, &observed).await?;
+        } else if !self.mode.starting() {
+            // What this agent started, it reports to the end, also after
+            // the mode changed: a kubelet that lost the race for a
+            // container does not report it (it shows its create failure,
+            // then `waiting` forever). Everyone else's entries pass as the
+            // API holds them.
+            let ours = self.memory.created_here(uid);
+            if !ours.is_empty() {
+                let computed = status::ephemeral_statuses(
+                    pod,
+                    &observed,
+                    &BTreeMap::new(),
+                    &self.runtime_name,
+                );
+                let statuses = status::ours_where_behind(pod, &computed, &ours);
+                self.write_statuses(pod, uid, statuses).await?;
+            }
         }
         Ok(Action::requeue(self.memory.next_pass(
             uid,
@@ -308,8 +325,8 @@ impl Agent {
         }
     }
 
-    /// Computes the statuses and writes them if the API does not show them
-    /// yet (and they were not just written at this resourceVersion).
+    /// Computes the statuses of a starting agent (with the start failures
+    /// it remembers) and writes them.
     async fn write_status(
         &self,
         pod: &Pod,
@@ -327,6 +344,17 @@ impl Agent {
             ));
         }
         let statuses = status::ephemeral_statuses(pod, observed, &failures, &self.runtime_name);
+        self.write_statuses(pod, uid, statuses).await
+    }
+
+    /// Writes the whole list when it differs from the API's (and from what
+    /// this agent wrote at the same resourceVersion).
+    async fn write_statuses(
+        &self,
+        pod: &Pod,
+        uid: &str,
+        statuses: Vec<ContainerStatus>,
+    ) -> Result<(), ReconcileError> {
         let rv = pod.metadata.resource_version.clone().unwrap_or_default();
         let already = self.memory.already_written(uid, &rv, &statuses);
         if status::changed(pod, &statuses) && !already {

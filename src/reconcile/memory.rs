@@ -11,7 +11,7 @@
 //! happened. Losing it (a restart) is safe: the pass is level-triggered,
 //! so at worst a backoff starts over.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::ContainerStatus;
 use super::execute::{self, StartFailure};
 use super::observe::{self, SandboxDetails};
 use super::status::Failure;
-use super::timeline::Timeline;
+use super::timeline::{Creator, Timeline};
 use crate::backoff::Backoff;
 
 /// The last failure of one container and when to try again.
@@ -98,6 +98,20 @@ impl Memory {
         f: impl FnOnce(&mut BTreeMap<String, Timeline>) -> R,
     ) -> R {
         self.with(uid, |m| f(&mut m.timelines))
+    }
+
+    /// The containers of the pod that this agent created (and started).
+    pub fn created_here(&self, uid: &str) -> BTreeSet<String> {
+        lock(&self.pods)
+            .get(uid)
+            .map(|m| {
+                m.timelines
+                    .iter()
+                    .filter(|(_, t)| t.creator == Some(Creator::Agent))
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The settled containers' details from the last observation.

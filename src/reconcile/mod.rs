@@ -1,7 +1,7 @@
 //! The reconcile path of one pod: observe the runtime, plan (pure), execute,
 //! compute status (pure). `translate` turns one ephemeral container into the
 //! CRI config the kubelet would send; `refs` reads the API objects it
-//! refers to first.
+//! refers to first; `mode` decides whether containers are started at all.
 //!
 //! The pass is [`agent`]; what calls it is [`watch`]; [`exits`] turns exit
 //! events into passes; [`memory`] and [`timeline`] are what a pass keeps
@@ -15,6 +15,7 @@ pub mod execute;
 pub mod exits;
 pub mod image;
 pub mod memory;
+pub mod mode;
 pub mod observe;
 pub mod plan;
 pub mod refs;

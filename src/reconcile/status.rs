@@ -13,7 +13,7 @@
 //!
 //! Must not write anything: the pass sends what this computes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
@@ -168,6 +168,41 @@ fn gone(st: &mut ContainerStatus, p: &ContainerStatus) {
         }),
         ..Default::default()
     });
+}
+
+/// How far along a status is: none < waiting < running < terminated.
+fn progress(s: Option<&ContainerStatus>) -> u8 {
+    match s.and_then(|s| s.state.as_ref()) {
+        None => u8::from(s.is_some()),
+        Some(st) if st.terminated.is_some() => 3,
+        Some(st) if st.running.is_some() => 2,
+        Some(_) => 1,
+    }
+}
+
+/// The list written by an agent that does not start containers (now): the
+/// API's entries, except that each container in `ours` (created by this
+/// agent) takes its `computed` entry where that is further along than the
+/// API's (no entry < waiting < running < terminated). Entries of others —
+/// a kubelet that created its own containers and reports them — are never
+/// touched, and an entry of ours that someone else already reports as far
+/// along (say, both say running) is left as it is, so two writers never
+/// take turns over details. Sorted by name.
+pub fn ours_where_behind(
+    pod: &Pod,
+    computed: &[ContainerStatus],
+    ours: &BTreeSet<String>,
+) -> Vec<ContainerStatus> {
+    let mut out: BTreeMap<String, ContainerStatus> = api_statuses(pod)
+        .iter()
+        .map(|s| (s.name.clone(), s.clone()))
+        .collect();
+    for c in computed.iter().filter(|c| ours.contains(&c.name)) {
+        if progress(Some(c)) > progress(out.get(&c.name)) {
+            out.insert(c.name.clone(), c.clone());
+        }
+    }
+    out.into_values().collect()
 }
 
 /// The `ephemeralContainerStatuses` the API server holds for the pod.
@@ -477,5 +512,85 @@ mod tests {
             ..Default::default()
         });
         assert!(!changed(&p, &s));
+    }
+
+    #[test]
+    fn an_observing_agent_writes_only_its_own_containers_where_behind() {
+        let ours: BTreeSet<String> = ["mine".to_string()].into();
+        let o = observed(vec![rc("mine", State::Exited), rc("theirs", State::Exited)]);
+        let p = pod(&["mine", "theirs"]);
+        let computed = status(&p, &o, &BTreeMap::new());
+        let entry = |name: &str, state: Option<&str>| -> ContainerStatus {
+            let mut st = ContainerStatus {
+                name: name.into(),
+                image: "busybox:1.36".into(),
+                image_id: "kubelet's".into(),
+                ..Default::default()
+            };
+            st.state = state.map(|s| match s {
+                "running" => ContainerState {
+                    running: Some(ContainerStateRunning::default()),
+                    ..Default::default()
+                },
+                "terminated" => ContainerState {
+                    terminated: Some(ContainerStateTerminated::default()),
+                    ..Default::default()
+                },
+                reason => waiting(reason, None),
+            });
+            st
+        };
+        let with_api = |api: Vec<ContainerStatus>| {
+            let mut p = p.clone();
+            p.status = Some(PodStatus {
+                ephemeral_container_statuses: Some(api),
+                ..Default::default()
+            });
+            p
+        };
+        let mine = computed.iter().find(|s| s.name == "mine").unwrap().clone();
+        let table: Vec<(&str, Vec<ContainerStatus>, Vec<ContainerStatus>)> = vec![
+            (
+                "no entries yet: ours only, theirs left to its creator",
+                vec![],
+                vec![mine.clone()],
+            ),
+            (
+                "the losing kubelet shows ours waiting: ours replaces it",
+                vec![
+                    entry("mine", Some("CreateContainerError")),
+                    entry("theirs", Some("running")),
+                ],
+                vec![mine.clone(), entry("theirs", Some("running"))],
+            ),
+            (
+                "running in the API, exited here: ours replaces it",
+                vec![entry("mine", Some("running"))],
+                vec![mine.clone()],
+            ),
+            (
+                "already terminated in the API: left as it is",
+                vec![entry("mine", Some("terminated")), entry("theirs", None)],
+                vec![entry("mine", Some("terminated")), entry("theirs", None)],
+            ),
+            (
+                "theirs behind the runtime: never touched",
+                vec![entry("theirs", Some("ContainerCreating"))],
+                vec![mine.clone(), entry("theirs", Some("ContainerCreating"))],
+            ),
+        ];
+        for (name, api, want) in table {
+            let got = ours_where_behind(&with_api(api), &computed, &ours);
+            assert_eq!(got, want, "{name}");
+        }
+        // Both say running: ours is not written over theirs.
+        let o = observed(vec![rc("mine", State::Running)]);
+        let computed = status(&p, &o, &BTreeMap::new());
+        let api = vec![entry("mine", Some("running"))];
+        assert_eq!(
+            ours_where_behind(&with_api(api.clone()), &computed, &ours),
+            api,
+            "as far along: left to the other writer"
+        );
     }
 }

@@ -8,7 +8,8 @@
 //! pass at once — the fast path, ahead of the controller's queue.
 //!
 //! Owns: the watch, the controller, the fast path, the `pods: synced` line
-//! of `/readyz`, and forgetting deleted pods once per resync. It decides
+//! of `/readyz`, a pass of every pod when the mode turns to starting, and
+//! forgetting deleted pods once per resync. It decides
 //! nothing about containers: that is the pass.
 
 use std::sync::Arc;
@@ -43,8 +44,11 @@ pub struct PodWatch {
     pub health: SharedHealth,
     /// How often deleted pods are forgotten.
     pub resync: Duration,
-    /// Pods to reconcile now (from the exit forwarder).
-    pub requeue: mpsc::Receiver<ObjectRef<Pod>>,
+    /// Asks for a pass of a pod now (every pod when the mode turns to
+    /// starting).
+    pub requeue: mpsc::Sender<ObjectRef<Pod>>,
+    /// Pods to reconcile now (from the exit forwarder, and `requeue`).
+    pub requeued: mpsc::Receiver<ObjectRef<Pod>>,
 }
 
 impl PodWatch {
@@ -66,8 +70,14 @@ impl PodWatch {
             .predicate_filter(trigger_fingerprint, Default::default());
         let controller = Controller::for_stream(triggers, reader)
             .with_config(controller::Config::default().concurrency(CONCURRENCY as u16))
-            .reconcile_on(ReceiverStream::new(self.requeue))
+            .reconcile_on(ReceiverStream::new(self.requeued))
             .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+        tasks.spawn(super::mode::pass_all_when_starting(
+            self.agent.mode.subscribe(),
+            controller.store(),
+            self.requeue,
+            shutdown.clone(),
+        ));
         tasks.spawn(mark_synced(
             controller.store(),
             self.health,

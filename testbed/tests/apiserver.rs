@@ -12,7 +12,7 @@ use ephemerald_testbed::apiserver::LocalApiServer;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Event, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
+    ConfigMap, Event, Node, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
 };
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::core::Status;
@@ -1292,6 +1292,258 @@ async fn events_leases_secrets_and_discovery() {
 /// PersistentVolumes are cluster-scoped: served at `/api/v1/persistentvolumes`,
 /// not under a namespace. Missing objects are 404 Status bodies in
 /// kube-apiserver's words.
+/// A Node as a kubelet registers it (status with conditions, nodeInfo,
+/// daemonEndpoints).
+fn kubelet_node(name: &str) -> Node {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {"podCIDR": "10.0.0.0/24"},
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                            "message": "kubelet is posting ready status",
+                            "lastHeartbeatTime": "2026-01-01T00:00:00Z",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {"architecture": "amd64", "bootID": "b", "containerRuntimeVersion": "containerd://1.6.20",
+                         "kernelVersion": "6.1.0", "kubeProxyVersion": "", "kubeletVersion": "v1.36.0",
+                         "machineID": "m", "operatingSystem": "linux", "osImage": "Debian GNU/Linux 12",
+                         "systemUUID": "s"},
+        },
+    }))
+    .unwrap()
+}
+
+async fn next_watch_event<K: Clone + serde::de::DeserializeOwned + std::fmt::Debug>(
+    stream: &mut (impl futures::Stream<Item = kube::Result<WatchEvent<K>>> + Unpin),
+) -> WatchEvent<K> {
+    timeout(WAIT, stream.next())
+        .await
+        .expect("a watch event in time")
+        .expect("the stream is open")
+        .expect("a decodable event")
+}
+
+/// Nodes and Leases as the kubelet writes them and `--mode auto` reads
+/// them: a Node created with its status, `nodes/NAME` keeping the status
+/// and `nodes/NAME/status` keeping the spec; lists and watches with the
+/// `metadata.name` field selector from a resourceVersion (other objects'
+/// changes unseen, deletes seen); a Lease renewed by PUT with optimistic
+/// concurrency; 410 after compaction and kube's watcher listing again.
+#[tokio::test]
+async fn nodes_and_leases_list_and_watch_by_name() {
+    let server = LocalApiServer::start().await.unwrap();
+    let client = server.client();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let created = nodes
+        .create(&PostParams::default(), &kubelet_node("node-a"))
+        .await
+        .unwrap();
+    let status = created.status.as_ref().unwrap();
+    assert_eq!(
+        status.node_info.as_ref().unwrap().kubelet_version,
+        "v1.36.0"
+    );
+    assert_eq!(
+        status
+            .daemon_endpoints
+            .as_ref()
+            .unwrap()
+            .kubelet_endpoint
+            .as_ref()
+            .unwrap()
+            .port,
+        10250
+    );
+    assert!(created.metadata.namespace.is_none(), "cluster-scoped");
+    nodes
+        .create(&PostParams::default(), &kubelet_node("node-b"))
+        .await
+        .unwrap();
+
+    let listed = nodes
+        .list(&ListParams::default().fields("metadata.name=node-a"))
+        .await
+        .unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|n| n.metadata.name.clone().unwrap())
+            .collect::<Vec<_>>(),
+        ["node-a"]
+    );
+    let schedulable = nodes
+        .list(&ListParams::default().fields("spec.unschedulable=false"))
+        .await
+        .unwrap();
+    assert_eq!(schedulable.items.len(), 2);
+    let bad = api_error(
+        nodes
+            .list(&ListParams::default().fields("spec.nodeName=node-a"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (bad.code, bad.message.as_str()),
+        (400, "field label not supported: spec.nodeName")
+    );
+
+    let rv = listed.metadata.resource_version.clone().unwrap();
+    let mut w = nodes
+        .watch(&WatchParams::default().fields("metadata.name=node-a"), &rv)
+        .await
+        .unwrap()
+        .boxed();
+
+    // The main resource keeps the status; the status subresource the spec.
+    let mut edited = created.clone();
+    edited
+        .metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("tier".into(), "edge".into());
+    edited
+        .status
+        .as_mut()
+        .unwrap()
+        .node_info
+        .as_mut()
+        .unwrap()
+        .kubelet_version = "v0".into();
+    let put = nodes
+        .replace("node-a", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    assert_eq!(put.metadata.labels.as_ref().unwrap()["tier"], "edge");
+    assert_eq!(
+        put.status, created.status,
+        "a write of nodes/NAME keeps the status"
+    );
+    let heartbeat = json!({"status": {"conditions": [{"type": "Ready", "status": "True",
+        "reason": "KubeletReady", "lastHeartbeatTime": "2026-01-01T00:00:10Z",
+        "lastTransitionTime": "2026-01-01T00:00:00Z"}]}, "spec": {"unschedulable": true}});
+    nodes
+        .patch_status("node-b", &PatchParams::default(), &Patch::Merge(&heartbeat))
+        .await
+        .unwrap();
+    let beat = nodes
+        .patch_status("node-a", &PatchParams::default(), &Patch::Merge(&heartbeat))
+        .await
+        .unwrap();
+    assert_eq!(
+        beat.spec, put.spec,
+        "a write of nodes/NAME/status keeps the spec"
+    );
+    let cond = &beat.status.as_ref().unwrap().conditions.as_ref().unwrap()[0];
+    assert_eq!(
+        cond.last_heartbeat_time.as_ref().unwrap().0.to_string(),
+        "2026-01-01T00:00:10Z"
+    );
+    // node-b's change is not node-a's watch's business.
+    for want in [&put, &beat] {
+        match next_watch_event(&mut w).await {
+            WatchEvent::Modified(n) => assert_eq!(&n, want),
+            other => panic!("expected MODIFIED node-a, got {other:?}"),
+        }
+    }
+    nodes.delete("node-a", &Default::default()).await.unwrap();
+    match next_watch_event(&mut w).await {
+        WatchEvent::Deleted(n) => {
+            assert_eq!(n.metadata.name.as_deref(), Some("node-a"));
+            assert_ne!(n.metadata.resource_version, beat.metadata.resource_version);
+        }
+        other => panic!("expected DELETED node-a, got {other:?}"),
+    }
+    let gone = api_error(nodes.get("node-a").await.unwrap_err());
+    assert_eq!(gone.message, "nodes \"node-a\" not found");
+    let no_sub = api_error(
+        Api::<Lease>::namespaced(client.clone(), "kube-node-lease")
+            .get_status("node-a")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(no_sub.code, 404, "leases have no status subresource");
+
+    // The Lease: watched from the start (ADDED), renewed by PUT (MODIFIED).
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let mut lw = leases
+        .watch(&WatchParams::default().fields("metadata.name=node-a"), "0")
+        .await
+        .unwrap()
+        .boxed();
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "node-a", "namespace": "kube-node-lease"},
+        "spec": {"holderIdentity": "node-a", "leaseDurationSeconds": 40,
+                 "renewTime": "2026-01-01T00:00:00.123456Z"}
+    }))
+    .unwrap();
+    let other: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "node-b"}, "spec": {"holderIdentity": "node-b"}
+    }))
+    .unwrap();
+    leases.create(&PostParams::default(), &other).await.unwrap();
+    let made = leases.create(&PostParams::default(), &lease).await.unwrap();
+    match next_watch_event(&mut lw).await {
+        WatchEvent::Added(l) => assert_eq!(l, made),
+        other => panic!("expected ADDED node-a, got {other:?}"),
+    }
+    let mut renew = made.clone();
+    renew.spec.as_mut().unwrap().renew_time =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            "2026-01-01T00:00:10.654321Z".parse().unwrap(),
+        ));
+    let renewed = leases
+        .replace("node-a", &PostParams::default(), &renew)
+        .await
+        .unwrap();
+    match next_watch_event(&mut lw).await {
+        WatchEvent::Modified(l) => {
+            assert_eq!(l, renewed);
+            assert_eq!(
+                l.spec.unwrap().renew_time.unwrap().0.to_string(),
+                "2026-01-01T00:00:10.654321Z",
+                "microseconds kept"
+            );
+        }
+        other => panic!("expected MODIFIED node-a, got {other:?}"),
+    }
+    let stale = api_error(
+        leases
+            .replace("node-a", &PostParams::default(), &renew)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(stale.code, 409);
+
+    // An RV older than the history: 410, and kube's watcher lists again.
+    server.compact();
+    let mut expired = leases
+        .watch(
+            &WatchParams::default(),
+            made.metadata.resource_version.as_deref().unwrap(),
+        )
+        .await
+        .unwrap()
+        .boxed();
+    match next_watch_event(&mut expired).await {
+        WatchEvent::Error(e) => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
+        other => panic!("expected a 410 ERROR, got {other:?}"),
+    }
+    let mut watcher_stream = watcher(
+        leases.clone(),
+        watcher::Config::default().fields("metadata.name=node-a"),
+    )
+    .applied_objects()
+    .boxed();
+    let first = timeout(WAIT, watcher_stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, renewed);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn configmaps_claims_and_persistent_volumes() {
     let server = LocalApiServer::start().await.unwrap();

@@ -89,10 +89,10 @@ const CORE: Group = Group {
             singular: "node",
             kind: "Node",
             namespaced: false,
-            verbs: &["create", "get", "list"],
+            verbs: &RW,
             short: &["no"],
             categories: &[],
-            subresources: &[],
+            subresources: &["status"],
         },
         Resource {
             name: "persistentvolumeclaims",

@@ -20,10 +20,11 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::discovery;
+use super::kinds::{self, ObjectSub};
+use super::object_watch;
 use super::patch::{self, PatchType, meta_strategy, pod_strategy};
 use super::select::{
-    EVENT_FIELDS, FieldSelector, LabelSelector, META_FIELDS, POD_FIELDS, json_field, json_labels,
-    pod_field,
+    EVENT_FIELDS, FieldSelector, LabelSelector, META_FIELDS, POD_FIELDS, json_labels, pod_field,
 };
 use super::status::StatusError;
 use super::store::{CreateMode, Kind, Store, Subresource};
@@ -275,7 +276,19 @@ pub(crate) fn router(app: App) -> Router {
             get(get_pod_sub).put(put_pod_sub).patch(patch_pod_sub),
         )
         .route("/api/v1/{resource}", get(core_all).post(cluster_create))
-        .route("/api/v1/{resource}/{name}", get(cluster_get))
+        .route(
+            "/api/v1/{resource}/{name}",
+            get(cluster_get)
+                .put(cluster_put)
+                .patch(cluster_patch)
+                .delete(cluster_delete),
+        )
+        .route(
+            "/api/v1/{resource}/{name}/{sub}",
+            get(cluster_sub_get)
+                .put(cluster_sub_put)
+                .patch(cluster_sub_patch),
+        )
         .route(
             "/api/v1/namespaces/{ns}/{resource}",
             get(core_list).post(core_create),
@@ -721,14 +734,12 @@ fn obj_list(
     if ns.is_some() && !kind.namespaced() {
         return Err(StatusError::no_such_path());
     }
-    if is_true(q, "watch") {
-        return Err(StatusError::method_not_allowed("watch", target.resource));
-    }
-    validate_list_options(q, false)?;
-    let supported = if kind == Kind::Event {
-        EVENT_FIELDS
-    } else {
-        META_FIELDS
+    let watch = is_true(q, "watch");
+    validate_list_options(q, watch)?;
+    let supported = match kind {
+        Kind::Event => EVENT_FIELDS,
+        Kind::Node => kinds::NODE_FIELDS,
+        _ => META_FIELDS,
     };
     let translated: Vec<String> = param(q, "fieldSelector")
         .split(',')
@@ -740,11 +751,16 @@ fn obj_list(
         .collect();
     let fields = FieldSelector::parse(&translated.join(","), supported)?;
     let labels = LabelSelector::parse(param(q, "labelSelector"))?;
+    if watch {
+        return obj_watch(app, kind, view, ns, fields, labels, q);
+    }
     let page = Page::parse(q)?;
     let (items, rv) = app.store.list_objects(kind, ns);
     let items: Vec<Value> = items
         .into_iter()
-        .filter(|o| fields.matches(|f| json_field(o, f)) && labels.matches(Some(&json_labels(o))))
+        .filter(|o| {
+            fields.matches(|f| kinds::field(kind, o, f)) && labels.matches(Some(&json_labels(o)))
+        })
         .collect();
     let key = |o: &Value| {
         (
@@ -763,6 +779,51 @@ fn obj_list(
         "metadata": list_meta(list_rv, &cont, remaining),
         "items": items,
     }))
+}
+
+/// A watch of another kind ([`object_watch`]).
+fn obj_watch(
+    app: &App,
+    kind: Kind,
+    view: View,
+    ns: Option<&str>,
+    fields: FieldSelector,
+    labels: LabelSelector,
+    q: &HashMap<String, String>,
+) -> ApiResult {
+    let send_initial = is_true(q, "sendInitialEvents");
+    let start = match param(q, "resourceVersion") {
+        _ if send_initial => Start::Snapshot,
+        "" | "0" => Start::Snapshot,
+        rv => Start::After(parse_rv(rv)?),
+    };
+    let timeout = param(q, "timeoutSeconds")
+        .parse::<u64>()
+        .ok()
+        .filter(|t| *t > 0)
+        .map(Duration::from_secs);
+    let ns = ns.map(str::to_string);
+    let w = object_watch::ObjectWatch {
+        kind,
+        api_version: view.api_version(kind),
+        matches: Box::new(move |o: &Value| {
+            ns.as_deref()
+                .is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
+                && fields.matches(|f| kinds::field(kind, o, f))
+                && labels.matches(Some(&json_labels(o)))
+        }),
+        show: Box::new(move |o| view.show(o)),
+        start,
+        bookmarks: is_true(q, "allowWatchBookmarks"),
+        initial_events_end: send_initial,
+        timeout,
+    };
+    let mut r = Response::new(object_watch::start(app.store.clone(), app.kill.clone(), w));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Ok(r)
 }
 
 fn obj_create(
@@ -791,11 +852,23 @@ fn obj_put(
     headers: &HeaderMap,
     body: &[u8],
 ) -> ApiResult {
+    obj_put_via(app, target, ns, name, ObjectSub::Main, headers, body)
+}
+
+fn obj_put_via(
+    app: &App,
+    target: Target<'_>,
+    ns: &str,
+    name: &str,
+    sub: ObjectSub,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult {
     let (kind, view) = target.resolve_in(ns)?;
     let obj: Value = json_body(headers, body)?;
     let updated = app
         .store
-        .update_object(kind, ns, name, |_| Ok(view.store_form(obj)))?;
+        .update_object_via(kind, ns, name, sub, |_| Ok(view.store_form(obj)))?;
     ok(&view.show(updated))
 }
 
@@ -808,9 +881,23 @@ fn obj_patch(
     headers: &HeaderMap,
     body: &[u8],
 ) -> ApiResult {
+    obj_patch_via(app, target, ns, name, ObjectSub::Main, q, headers, body)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn obj_patch_via(
+    app: &App,
+    target: Target<'_>,
+    ns: &str,
+    name: &str,
+    sub: ObjectSub,
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult {
     let (kind, view) = target.resolve_in(ns)?;
     let pt = patch_type(headers, q)?;
-    let updated = app.store.update_object(kind, ns, name, |old| {
+    let updated = app.store.update_object_via(kind, ns, name, sub, |old| {
         let patched = patch::apply(pt, &view.show(old.clone()), body, meta_strategy)?;
         Ok(view.store_form(patched))
     })?;
@@ -844,6 +931,90 @@ async fn cluster_get(
     Path((resource, name)): Path<(String, String)>,
 ) -> ApiResult {
     obj_get(&app, Target::core(&resource), "", &name)
+}
+
+async fn cluster_put(
+    State(app): State<App>,
+    Path((resource, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    obj_put(&app, Target::core(&resource), "", &name, &headers, &body)
+}
+
+async fn cluster_patch(
+    State(app): State<App>,
+    Path((resource, name)): Path<(String, String)>,
+    Query(q): Params,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    obj_patch(
+        &app,
+        Target::core(&resource),
+        "",
+        &name,
+        &q,
+        &headers,
+        &body,
+    )
+}
+
+async fn cluster_delete(
+    State(app): State<App>,
+    Path((resource, name)): Path<(String, String)>,
+) -> ApiResult {
+    obj_delete(&app, Target::core(&resource), "", &name)
+}
+
+/// The `status` subresource of a cluster-scoped kind that has one (Nodes).
+fn status_sub(target: Target<'_>, sub: &str) -> Result<(), StatusError> {
+    let (kind, _) = target.resolve_in("")?;
+    if sub == "status" && kinds::has_status(kind) {
+        Ok(())
+    } else {
+        Err(StatusError::no_such_path())
+    }
+}
+
+async fn cluster_sub_get(
+    State(app): State<App>,
+    Path((resource, name, sub)): Path<(String, String, String)>,
+) -> ApiResult {
+    status_sub(Target::core(&resource), &sub)?;
+    obj_get(&app, Target::core(&resource), "", &name)
+}
+
+async fn cluster_sub_put(
+    State(app): State<App>,
+    Path((resource, name, sub)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    status_sub(Target::core(&resource), &sub)?;
+    let target = Target::core(&resource);
+    obj_put_via(&app, target, "", &name, ObjectSub::Status, &headers, &body)
+}
+
+async fn cluster_sub_patch(
+    State(app): State<App>,
+    Path((resource, name, sub)): Path<(String, String, String)>,
+    Query(q): Params,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    status_sub(Target::core(&resource), &sub)?;
+    let target = Target::core(&resource);
+    obj_patch_via(
+        &app,
+        target,
+        "",
+        &name,
+        ObjectSub::Status,
+        &q,
+        &headers,
+        &body,
+    )
 }
 
 async fn core_list(

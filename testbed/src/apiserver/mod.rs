@@ -6,9 +6,13 @@
 //!
 //! What it owns: pods, events (core/v1 and the events.k8s.io/v1 view of
 //! them), secrets, configmaps, persistentvolumeclaims, persistentvolumes
-//! and nodes (both cluster-scoped: create, get, list) and `coordination.k8s.io/v1` leases,
+//! and nodes (both cluster-scoped) and `coordination.k8s.io/v1` leases,
 //! in memory, under one global resourceVersion counter like etcd's
-//! revision. Namespaces are implicit (every name exists).
+//! revision. Namespaces are implicit (every name exists). Every kind is
+//! created, read, listed, updated, patched, deleted and watched the same
+//! way (`object_watch` for the kinds other than pods); Nodes also have
+//! `nodes/NAME/status`, and which endpoint takes which part of a Node is
+//! kube-apiserver's (`kinds`).
 //!
 //! Faithful to kube-apiserver (measured against kubectl 1.37 and read from
 //! the registry code; see `notes/apiserver.md`):
@@ -16,7 +20,8 @@
 //!   `pods/ephemeralcontainers` and `pods/status` subresources;
 //! * create fills `uid`, `creationTimestamp`, `resourceVersion`,
 //!   `generation`, and applies the API defaults of pods and containers;
-//! * list with `fieldSelector` (the pod field labels), `labelSelector`,
+//! * list with `fieldSelector` (the field labels of each kind: the pod ones,
+//!   the Event ones, a Node's `spec.unschedulable`, `metadata.*`), `labelSelector`,
 //!   `limit`/`continue`; watch from a resourceVersion, synthetic ADDED
 //!   events without one, BOOKMARKs, `sendInitialEvents` with the
 //!   `k8s.io/initial-events-end` bookmark, `timeoutSeconds`, and a 410
@@ -41,8 +46,8 @@
 //!
 //! Left out: authentication and authorization, admission (no service
 //! account token volume, no default tolerations), graceful pod deletion
-//! (DELETE removes the pod at once, as with `--grace-period=0`), watches of
-//! kinds other than pods, field ownership of server-side apply (an apply
+//! (DELETE removes the pod at once, as with `--grace-period=0`), validation
+//! of Node and Lease specs, field ownership of server-side apply (an apply
 //! patch is applied as a strategic merge), `dryRun`, the pod subresources
 //! `log`/`exec`/`attach`/`binding`/`eviction`, protobuf (JSON is answered
 //! instead, which clients accept), and validation of pod specs beyond names,
@@ -50,6 +55,8 @@
 
 mod discovery;
 mod http;
+mod kinds;
+mod object_watch;
 mod patch;
 mod select;
 mod status;

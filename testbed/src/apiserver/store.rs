@@ -20,6 +20,7 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use super::kinds::{self, ObjectSub};
 use super::status::StatusError;
 use ephemerald::validation::{
     FieldError, default_container, default_ephemeral_container, dns1123_label_errors,
@@ -76,6 +77,19 @@ pub(crate) struct PodChange {
     pub old: Option<Arc<Pod>>,
     /// The object after (the last state for Deleted, with the deletion's RV).
     pub new: Arc<Pod>,
+}
+
+/// One change of an object of another kind in the history (what their
+/// watches read).
+#[derive(Debug, Clone)]
+pub(crate) struct ObjectChange {
+    pub rv: u64,
+    pub kind: Kind,
+    pub change: Change,
+    /// The object before (for Modified; selectors need it).
+    pub old: Option<Value>,
+    /// The object after (the last state for Deleted, with the deletion's RV).
+    pub new: Value,
 }
 
 /// Which pod endpoint a write came through; each takes different fields.
@@ -173,6 +187,9 @@ struct State {
     pods: BTreeMap<Key, Arc<Pod>>,
     history: VecDeque<PodChange>,
     objects: BTreeMap<(Kind, String, String), Value>,
+    /// Changes of the other kinds, like `history` for pods.
+    object_history: VecDeque<ObjectChange>,
+    objects_compacted: u64,
     namespaces: BTreeSet<String>,
     status_history: BTreeMap<Key, Vec<StatusRecord>>,
     spec_history: BTreeMap<Key, Vec<SpecRecord>>,
@@ -447,6 +464,8 @@ impl Store {
         let mut st = self.lock();
         st.compacted = st.rv;
         st.history.clear();
+        st.objects_compacted = st.rv;
+        st.object_history.clear();
     }
 
     fn touch_namespace(st: &mut State, ns: &str) {
@@ -878,6 +897,7 @@ impl Store {
         meta["resourceVersion"] = json!(st.rv.to_string());
         Self::touch_namespace(&mut st, ns);
         st.objects.insert(k, obj.clone());
+        Self::record_object(&mut st, kind, Change::Added, None, obj.clone());
         self.notify.send_replace(st.rv);
         Ok(obj)
     }
@@ -901,14 +921,17 @@ impl Store {
         (items, st.rv)
     }
 
-    /// A PUT or PATCH of another kind: `f` gives the requested object;
+    /// A PUT or PATCH of another kind through `sub` (the object itself or
+    /// its `status` subresource, which take different parts:
+    /// [`kinds::prepare_update`]): `f` gives the requested object;
     /// identity metadata stays, a stale resourceVersion is a conflict, a
     /// write that changes nothing is not persisted.
-    pub fn update_object(
+    pub fn update_object_via(
         &self,
         kind: Kind,
         ns: &str,
         name: &str,
+        sub: ObjectSub,
         f: impl FnOnce(&Value) -> Result<Value, StatusError>,
     ) -> Result<Value, StatusError> {
         let mut st = self.lock();
@@ -950,6 +973,7 @@ impl Store {
         if kind == Kind::Secret {
             new = normalize_secret(new)?;
         }
+        let mut new = kinds::prepare_update(kind, sub, &old, new);
         for f in [
             "name",
             "namespace",
@@ -957,7 +981,15 @@ impl Store {
             "creationTimestamp",
             "resourceVersion",
         ] {
-            new["metadata"][f] = old["metadata"][f].clone();
+            match old["metadata"].get(f) {
+                Some(v) => new["metadata"][f] = v.clone(),
+                // A cluster-scoped object has no namespace: none appears.
+                None => {
+                    if let Some(m) = new["metadata"].as_object_mut() {
+                        m.remove(f);
+                    }
+                }
+            }
         }
         new["kind"] = json!(kind.kind());
         new["apiVersion"] = json!(kind.api_version());
@@ -967,18 +999,61 @@ impl Store {
         st.rv += 1;
         new["metadata"]["resourceVersion"] = json!(st.rv.to_string());
         st.objects.insert(k, new.clone());
+        Self::record_object(&mut st, kind, Change::Modified, Some(old), new.clone());
         self.notify.send_replace(st.rv);
         Ok(new)
+    }
+
+    /// Persists nothing: appends an object change to the history (its RV
+    /// is the new one already set on `new`).
+    fn record_object(st: &mut State, kind: Kind, change: Change, old: Option<Value>, new: Value) {
+        st.object_history.push_back(ObjectChange {
+            rv: st.rv,
+            kind,
+            change,
+            old,
+            new,
+        });
+        while st.object_history.len() > HISTORY_LIMIT {
+            if let Some(c) = st.object_history.pop_front() {
+                st.objects_compacted = c.rv;
+            }
+        }
+    }
+
+    /// Changes of objects of `kind` after `since`, and the RV they bring
+    /// the reader to; or `Err(compacted)` when some have been forgotten.
+    pub fn object_changes_since(
+        &self,
+        kind: Kind,
+        since: u64,
+    ) -> Result<(Vec<ObjectChange>, u64), u64> {
+        let st = self.lock();
+        if since < st.objects_compacted {
+            return Err(st.objects_compacted);
+        }
+        let start = st.object_history.partition_point(|c| c.rv <= since);
+        Ok((
+            st.object_history
+                .range(start..)
+                .filter(|c| c.kind == kind)
+                .cloned()
+                .collect(),
+            st.rv.max(since),
+        ))
     }
 
     pub fn delete_object(&self, kind: Kind, ns: &str, name: &str) -> Result<Value, StatusError> {
         let mut st = self.lock();
         let k = (kind, ns.to_string(), name.to_string());
-        let old = st
+        let mut old = st
             .objects
             .remove(&k)
             .ok_or_else(|| StatusError::not_found(kind.resource(), kind.group(), name))?;
         st.rv += 1;
+        // As for pods: the deleted object carries the deletion's RV.
+        old["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        Self::record_object(&mut st, kind, Change::Deleted, None, old.clone());
         self.notify.send_replace(st.rv);
         Ok(old)
     }

@@ -82,7 +82,7 @@ impl PodWatch {
 }
 
 /// Serializes one event line.
-fn line(type_: &str, object: &Value) -> Bytes {
+pub(crate) fn line(type_: &str, object: &Value) -> Bytes {
     let mut s =
         serde_json::to_string(&json!({"type": type_, "object": object})).unwrap_or_default();
     s.push('\n');
