@@ -45,10 +45,18 @@ pub fn ephemeral_statuses(
     };
     let has_init = spec.init_containers.as_ref().is_some_and(|v| !v.is_empty());
     let never = spec.restart_policy.as_deref() == Some("Never");
-    let old: BTreeMap<&str, &ContainerStatus> = api_statuses(pod)
-        .iter()
-        .map(|s| (s.name.as_str(), s))
-        .collect();
+    // One entry per name; of two with the same name (no API server keeps
+    // them, but a status is only as good as its writer), a terminated one
+    // wins, since terminated is final.
+    let mut old: BTreeMap<&str, &ContainerStatus> = BTreeMap::new();
+    for s in api_statuses(pod) {
+        let keep = old
+            .get(s.name.as_str())
+            .is_some_and(|o| is_terminated(o) && !is_terminated(s));
+        if !keep {
+            old.insert(s.name.as_str(), s);
+        }
+    }
 
     let mut out: Vec<ContainerStatus> = spec
         .ephemeral_containers
