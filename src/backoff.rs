@@ -1,6 +1,9 @@
 //! Backoff, in one place, with the two policies the agent uses: the watch
 //! and event streams (jittered, 0.8 s doubling to 30 s, like client-go) and
 //! per-container start failures (10 s doubling to 5 min, like the kubelet).
+//!
+//! Owns: the arithmetic of delays. Must not sleep or retry anything itself:
+//! the caller waits.
 
 use std::time::Duration;
 

@@ -1,6 +1,11 @@
 //! Command line and environment: one clap definition, validated once at
 //! start into a [`Config`] that is passed down by reference. Nothing deeper
 //! in the agent reads environment variables.
+//!
+//! Owns: every flag and env var of `ephemerald run` and their validation
+//! (exit code 64 for a bad one). Must not hold the lab's commands (those are
+//! `ephemerald-testbed`'s) nor be read from deep inside the agent: parts get
+//! the values they need.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -179,7 +184,7 @@ pub struct Config {
     /// containerd namespace.
     pub containerd_namespace: String,
     /// The node's directories.
-    pub dirs: crate::reconcile::translate::NodeDirs,
+    pub dirs: crate::kubelet::NodeDirs,
     /// Resync period.
     pub resync: Duration,
     /// Start mode.
@@ -259,13 +264,13 @@ impl RunArgs {
             containerd_socket: Some(PathBuf::from(&self.containerd_socket))
                 .filter(|p| !p.as_os_str().is_empty()),
             containerd_namespace: self.containerd_namespace.clone(),
-            dirs: crate::reconcile::translate::NodeDirs {
+            dirs: crate::kubelet::NodeDirs {
                 pod_logs: self.pod_logs_dir.clone(),
                 pods: self.kubelet_root_dir.join("pods"),
                 seccomp: self.kubelet_root_dir.join("seccomp"),
                 container_logs: self.container_logs_dir.clone(),
                 // Read once, as the kubelet reads its machine info at start.
-                host: crate::reconcile::host::HostFacts::detect(),
+                host: crate::host::HostFacts::detect(),
             },
             resync: self.resync,
             mode: self.mode,

@@ -3,6 +3,9 @@
 //! for ordinary containers of the pod: label and annotation keys, their value
 //! formats, the container hash, and the log and pod directory layout.
 //! (From the kubelet's `pkg/kubelet/kuberuntime/labels.go` and `helpers.go`.)
+//!
+//! Owns: names and formats only; no I/O. Must not depend on the rest of
+//! the agent: everything else builds on it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -273,6 +276,22 @@ pub fn namespace(pod: &Pod) -> &str {
 /// The pod's UID ("" when missing).
 pub fn uid(pod: &Pod) -> &str {
     pod.metadata.uid.as_deref().unwrap_or_default()
+}
+
+/// The node: its directories in the kubelet's layout, and what the
+/// kubelet reads from the host at start.
+#[derive(Debug, Clone, Default)]
+pub struct NodeDirs {
+    /// Pod log directories (`/var/log/pods`).
+    pub pod_logs: PathBuf,
+    /// The kubelet's per-pod directories (`/var/lib/kubelet/pods`).
+    pub pods: PathBuf,
+    /// Where `Localhost` seccomp profiles live (`/var/lib/kubelet/seccomp`).
+    pub seccomp: PathBuf,
+    /// Where the legacy log symlinks go (`/var/log/containers`).
+    pub container_logs: PathBuf,
+    /// The host's memory, cgroup mode, huge page sizes, CPUs.
+    pub host: crate::host::HostFacts,
 }
 
 #[cfg(test)]

@@ -1,19 +1,48 @@
 //! ephemerald: a node agent that runs Kubernetes ephemeral containers
-//! through the node's CRI runtime, the way the kubelet does.
+//! through the node's CRI runtime, the way the kubelet does. This crate is
+//! the agent alone; the lab (local API server, fake CRI, containerd testbed,
+//! demo, bench) is the `ephemerald-testbed` crate in `testbed/`, which
+//! depends on this one and never the other way round.
 //!
-//! The path of one ephemeral container: the pod watch (`kube` controller,
-//! field selector `spec.nodeName`) → [`reconcile::agent::Agent::reconcile`]
-//! → [`reconcile::observe`] → [`reconcile::plan`] → [`reconcile::execute`]
-//! → [`reconcile::status`] → `pods/status` and Events ([`k8s`]). Exit events
-//! ([`events`]) requeue a pod at once; a periodic resync is the safety net.
-//! Pod changes that a pass does not read (labels, annotations, conditions)
-//! trigger nothing ([`reconcile::agent::trigger_fingerprint`]); a failed
-//! pass is retried with per-pod backoff ([`reconcile::agent::Agent::retry_delay`]).
+//! # The path of one ephemeral container
+//!
+//! 1. **Watch.** `kubectl debug` appends the container to the pod's spec.
+//!    The pod watch ([`reconcile::watch`]: a `kube` controller over the pods
+//!    with `spec.nodeName` = this node) sees the change, stamps it, and runs
+//!    a pass of the pod at once (the fast path). Changes a pass does not
+//!    read (labels, annotations, conditions) trigger nothing.
+//! 2. **Observe.** The pass ([`reconcile::agent`]) reads what the runtime
+//!    holds for the pod over the CRI ([`reconcile::observe`], through the
+//!    client in [`cri`]).
+//! 3. **Plan.** [`reconcile::plan`] (pure) decides per container: start,
+//!    resume a half-done start, refuse with the kubelet's waiting reason, or
+//!    nothing — gated by the API server's rules ([`validation`]), the mode
+//!    ([`reconcile::mode`]) and the per-pod backoff ([`reconcile::memory`]).
+//! 4. **Execute.** [`reconcile::execute`] ensures the image
+//!    ([`reconcile::image`]), turns the spec into the CRI config the kubelet
+//!    would send ([`reconcile::translate`], with the objects it refers to
+//!    read by [`reconcile::refs`] through [`k8s`]), creates and starts the
+//!    container, and records the kubelet's Events ([`k8s`]).
+//! 5. **Status.** The pass observes again; [`reconcile::status`] (pure)
+//!    computes `ephemeralContainerStatuses`; [`k8s`] writes `pods/status`
+//!    when it changed. [`reconcile::timeline`] stamps every step.
+//! 6. **Exit.** The runtime's exit event ([`events`]) reaches the exit
+//!    forwarder ([`reconcile::exits`]), which requeues the pod; its next
+//!    pass writes `terminated`. A periodic resync is the safety net; a pass
+//!    that fails is retried with per-pod backoff.
+//!
+//! Around the path: [`observe`] serves `/healthz`, `/readyz`, `/metrics`
+//! and `/timelines`; [`config`] holds the flags; [`backoff`] the two retry
+//! policies; [`kubelet`] the kubelet's names, labels and directory layout.
+//! [`run`] starts the parts — the mode watcher, the health server, the exit
+//! forwarder, the pod watch — and stops them. `docs/ARCHITECTURE.md` maps
+//! the crates and modules and says where each kind of change goes.
 
 pub mod backoff;
 pub mod config;
 pub mod cri;
 pub mod events;
+pub mod host;
 pub mod k8s;
 pub mod kubelet;
 pub mod observe;
@@ -21,22 +50,20 @@ pub mod reconcile;
 pub mod validation;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{Config, Mode};
 use crate::cri::{CriClient, Runtime};
 use crate::k8s::{Cluster, K8sError, KubeCluster};
-use crate::observe::{Health, Metrics};
-use crate::reconcile::agent::{Agent, ModeGate, ReconcileError};
+use crate::observe::{Health, Metrics, SharedHealth};
+use crate::reconcile::agent::Agent;
+use crate::reconcile::exits;
+use crate::reconcile::mode::{self, ModeGate};
+use crate::reconcile::watch::PodWatch;
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -63,9 +90,6 @@ pub enum Error {
     #[error("the pod controller stopped unexpectedly")]
     ControllerStopped,
 }
-
-/// Reconcile passes at once (the controller's, and the fast path's).
-const CONCURRENCY: usize = 32;
 
 /// Builds a client from the kubeconfig, or in-cluster / default config.
 pub async fn kube_client(config: &Config) -> Result<kube::Client, K8sError> {
@@ -132,6 +156,10 @@ pub async fn run_with_runtime(
     run_inner(config, client, runtime, metrics, shutdown, started).await
 }
 
+/// Starts the parts and runs until `shutdown`: the runtime first (the
+/// agent is useless without one), then the mode, the agent, the mode
+/// watcher, the health server, the exit forwarder and the pod watch. The
+/// pod watch ends on shutdown once no pass runs; then every part stops.
 async fn run_inner(
     config: Config,
     client: kube::Client,
@@ -140,50 +168,30 @@ async fn run_inner(
     shutdown: CancellationToken,
     started: impl FnOnce(Handles),
 ) -> Result<(), Error> {
-    let health = Arc::new(Mutex::new(Health::default()));
+    let health: SharedHealth = Arc::new(Mutex::new(Health::default()));
     // Bound first: a port someone else holds is a clear error at start, not
     // probes that fail later.
     let listener = match config.metrics_addr {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| Error::Health { addr, source })?,
-        ),
+        Some(addr) => Some(bind(addr).await?),
         None => None,
     };
     let runtime_name = wait_for_runtime(runtime.as_ref(), &health, &shutdown).await;
     let cluster: Arc<dyn Cluster> = Arc::new(KubeCluster::new(client.clone()));
-
-    let mut tasks = tokio::task::JoinSet::new();
-    let mode = match config.mode {
-        Mode::Start => Arc::new(ModeGate::new(true, "--mode start")),
-        Mode::Observe => Arc::new(ModeGate::new(false, "--mode observe")),
-        // Follows the node's Lease and Node; returns after the first decision.
-        Mode::Auto => {
-            reconcile::mode::auto(
-                client.clone(),
-                &config.node_name,
-                metrics.clone(),
-                health.clone(),
-                &mut tasks,
-                shutdown.clone(),
-            )
-            .await
-        }
-    };
-    tracing::info!(node = %config.node_name, runtime = %runtime_name, "{}", mode.describe());
-    metrics.starting.set(i64::from(mode.starting()));
-    lock(&health).mode = mode.describe();
+    let mut tasks = JoinSet::new();
+    let gate = mode_watcher(&config, &client, &metrics, &health, &mut tasks, &shutdown).await;
+    tracing::info!(node = %config.node_name, runtime = %runtime_name, "{}", gate.describe());
+    metrics.starting.set(i64::from(gate.starting()));
+    lock(&health).mode = gate.describe();
 
     let (events, _writer) =
         k8s::spawn_event_writer(client.clone(), config.node_name.clone(), shutdown.clone());
     let agent = Arc::new(Agent::new(
         runtime.clone(),
         runtime_name,
-        cluster.clone(),
+        cluster,
         Arc::new(events),
         config.dirs.clone(),
-        mode.clone(),
+        gate,
         config.resync,
         Backoff::new(config.backoff_initial, config.backoff_max, false),
         metrics.clone(),
@@ -194,230 +202,93 @@ async fn run_inner(
     });
 
     if let Some(listener) = listener {
-        let listener_health = health.clone();
-        let m = metrics.clone();
-        let cancel = shutdown.clone();
-        let source = agent.clone();
-        let timelines: observe::TimelineSource =
-            Arc::new(move || serde_json::to_value(source.timelines()).unwrap_or_default());
-        tasks.spawn(async move {
-            if let Err(e) = observe::serve(listener, listener_health, m, timelines, cancel).await {
-                tracing::error!(error = %e, "health endpoint failed");
-            }
-        });
+        tasks.spawn(health_server(
+            listener,
+            health.clone(),
+            metrics,
+            agent.clone(),
+            shutdown.clone(),
+        ));
     }
-
-    // Exit events → the owning pod's ObjectRef → an immediate reconcile.
-    let (exit_tx, mut exit_rx) = mpsc::channel(256);
-    let (opened_tx, mut opened_rx) = mpsc::channel(4);
-    tasks.spawn(events::run(
-        events::Sources {
-            runtime: runtime.clone(),
-            containerd_socket: config.containerd_socket.clone(),
-            namespace: config.containerd_namespace.clone(),
-            opened: Some(opened_tx),
-        },
-        exit_tx,
-        shutdown.clone(),
-    ));
-    let (requeue_tx, requeue_rx) = mpsc::channel(256);
-    let flip_requeue = requeue_tx.clone();
-    // A (re)opened exit stream may have missed exits: re-check every pod
-    // with a live ephemeral container.
-    let (opened_agent, opened_requeue) = (agent.clone(), requeue_tx.clone());
-    tasks.spawn(async move {
-        while let Some(source) = opened_rx.recv().await {
-            let pods = opened_agent.live_owners();
-            tracing::debug!(
-                ?source,
-                pods = pods.len(),
-                "exit events (re)opened; re-checking"
-            );
-            for pod in pods {
-                let _ = opened_requeue.send(pod).await;
-            }
-        }
-    });
-    let owner_agent = agent.clone();
-    let exit_runtime = runtime.clone();
-    tasks.spawn(async move {
-        while let Some(exit) = exit_rx.recv().await {
-            // containerd's CRI records the exit from the same event a moment
-            // later; requeue once the CRI shows it, so the pass sees it.
-            let (rt, tx, agent) = (
-                exit_runtime.clone(),
-                requeue_tx.clone(),
-                owner_agent.clone(),
-            );
-            tokio::spawn(async move {
-                let Some(pod) = agent.owner_of_exited(&exit.container_id).await else {
-                    return;
-                };
-                tracing::debug!(container_id = %exit.container_id, pod = %pod, "exit event");
-                wait_until_exited(rt.as_ref(), &exit.container_id).await;
-                let _ = tx.send(pod).await;
-            });
-        }
-    });
-
-    let pods: kube::Api<Pod> = kube::Api::all(client);
-    let selector = format!("spec.nodeName={}", config.node_name);
-    // The controller's own watch, with a look at each event on the way.
-    let (reader, writer) = reflector::store();
-    // Fast passes hold a permit each: taking them all waits for them.
-    let fast = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
-    let watch = watcher(pods, watcher::Config::default().fields(&selector))
-        .inspect(look_at_event(agent.clone(), fast.clone()));
-    // Every pod change updates the cache; only changes a pass reads trigger one.
-    let triggers = reflector(writer, watch)
-        .applied_objects()
-        .predicate_filter(reconcile::agent::trigger_fingerprint, Default::default());
-    let controller = Controller::for_stream(triggers, reader)
-        .with_config(controller::Config::default().concurrency(CONCURRENCY as u16))
-        .reconcile_on(ReceiverStream::new(requeue_rx))
-        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
-    tasks.spawn(reconcile::mode::pass_all_when_starting(
-        mode.subscribe(),
-        controller.store(),
-        flip_requeue,
-        shutdown.clone(),
-    ));
-    let store = controller.store();
-    let synced = health.clone();
-    let cancel = shutdown.clone();
-    tasks.spawn(async move {
-        // kube's store readiness wakes only its latest waiter (the
-        // controller's own), so look again now and then instead of waiting.
-        loop {
-            let ready = tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready());
-            tokio::select! {
-                r = ready => match r {
-                    Ok(Ok(())) => {
-                        lock(&synced).pods_synced = true;
-                        tracing::info!("pod list synced");
-                        return;
-                    }
-                    Ok(Err(_)) => return,
-                    Err(_) => {}
-                },
-                _ = cancel.cancelled() => return,
-            }
-        }
-    });
-
-    // Forget deleted pods once per resync; while starting containers, also
-    // remove the legacy log links of containers the runtime no longer holds
-    // (the kubelet removes them with the container).
-    let (prune_store, prune_agent, cancel, every) = (
-        controller.store(),
-        agent.clone(),
-        shutdown.clone(),
-        config.resync,
-    );
-    tasks.spawn(async move {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
-            prune_agent.retain_pods(&prune_store.state());
-            if prune_agent.mode.starting() {
-                reconcile::logs::sweep_node(prune_agent.runtime.as_ref(), &prune_agent.dirs).await;
-            }
-        }
-    });
-
-    let error_policy = |pod: Arc<Pod>, err: &ReconcileError, agent: Arc<Agent>| {
-        Action::requeue(failed_pass(&agent, &pod, err))
+    let (requeue, requeued) = mpsc::channel(256);
+    let forwarder = exits::Forwarder {
+        runtime,
+        containerd_socket: config.containerd_socket,
+        namespace: config.containerd_namespace,
+        index: agent.exits.clone(),
+        requeue: requeue.clone(),
     };
-    controller
-        .run(
-            |pod, agent: Arc<Agent>| async move { agent.reconcile(&pod).await },
-            error_policy,
-            agent,
-        )
-        .for_each(|res| async move {
-            match res {
-                Ok(_) => {}
-                Err(controller::Error::ReconcilerFailed(..)) => {}
-                Err(e) => tracing::warn!(error = %e, "pod watch"),
-            }
-        })
-        .await;
+    forwarder.spawn(&mut tasks, shutdown.clone());
+    let pod_watch = PodWatch {
+        client,
+        node: config.node_name,
+        agent,
+        health,
+        resync: config.resync,
+        requeue,
+        requeued,
+    };
+    pod_watch.run(&mut tasks, shutdown.clone()).await;
+
+    let asked = shutdown.is_cancelled();
     shutdown.cancel();
-    let _ = fast.acquire_many(CONCURRENCY as u32).await;
     while tasks.join_next().await.is_some() {}
-    if shutdown.is_cancelled() {
+    if asked {
         Ok(())
     } else {
         Err(Error::ControllerStopped)
     }
 }
 
-/// What the agent does with each pod watch event before the controller
-/// sees it: notes when it arrived (the start of `event_to_create`), counts
-/// restarts and errors, and gives a pod that gained an ephemeral container
-/// a pass at once, ahead of the controller's queue (whose timer adds a
-/// millisecond or two). The controller's own pass for the same event
-/// follows and finds the work done; passes of one pod never overlap.
-fn look_at_event(
-    agent: Arc<Agent>,
-    permits: Arc<tokio::sync::Semaphore>,
-) -> impl FnMut(&Result<watcher::Event<Pod>, watcher::Error>) {
-    let mut lists = 0u64;
-    move |event| match event {
-        Ok(watcher::Event::Apply(pod)) => {
-            if agent.note_event(pod)
-                && let Ok(permit) = permits.clone().try_acquire_owned()
-            {
-                let (agent, pod) = (agent.clone(), pod.clone());
-                tokio::spawn(async move {
-                    // The controller's pass for the same event follows and
-                    // schedules any retry; the failure is still told.
-                    if let Err(e) = agent.reconcile(&pod).await {
-                        failed_pass(&agent, &pod, &e);
-                    }
-                    drop(permit);
-                });
-            }
-        }
-        Ok(watcher::Event::InitApply(pod)) => {
-            agent.note_event(pod);
-        }
-        Ok(watcher::Event::Init) => {
-            lists += 1;
-            if lists > 1 {
-                agent.metrics.watch_restarts.inc();
-            }
-        }
-        Ok(_) => {}
-        Err(e) => {
-            let code = match e {
-                watcher::Error::InitialListFailed(kube::Error::Api(s))
-                | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-                | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code.to_string(),
-                watcher::Error::WatchError(s) => s.code.to_string(),
-                _ => "transport".into(),
-            };
-            agent.metrics.error("api", "watch pods", &code);
+/// The mode watcher: the gate `--mode` asks for; for `auto`,
+/// [`mode::auto`] follows the node's Lease and Node (its tasks in `tasks`)
+/// and returns the gate after its first decision.
+async fn mode_watcher(
+    config: &Config,
+    client: &kube::Client,
+    metrics: &Arc<Metrics>,
+    health: &SharedHealth,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> Arc<ModeGate> {
+    match config.mode {
+        Mode::Start => Arc::new(ModeGate::new(true, "--mode start")),
+        Mode::Observe => Arc::new(ModeGate::new(false, "--mode observe")),
+        Mode::Auto => {
+            mode::auto(
+                client.clone(),
+                &config.node_name,
+                metrics.clone(),
+                health.clone(),
+                tasks,
+                shutdown.clone(),
+            )
+            .await
         }
     }
 }
 
-/// Logs and counts a failed pass; returns when to try the pod again.
-fn failed_pass(agent: &Agent, pod: &Pod, err: &ReconcileError) -> Duration {
-    let delay = agent.retry_delay(pod);
-    tracing::warn!(
-        pod = %format!("{}/{}", kubelet::namespace(pod), kubelet::name(pod)),
-        error = %err,
-        retry_in_ms = delay.as_millis() as u64,
-        "reconcile failed; retrying"
-    );
-    // CRI failures are counted by the client itself.
-    if let ReconcileError::K8s(e) = err {
-        agent.metrics.error("api", e.verb(), &e.code_label());
+/// The health server's listener.
+async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Health { addr, source })
+}
+
+/// The health server: `/healthz`, `/readyz`, `/metrics` and `/timelines`
+/// on `--metrics-addr` until `cancel`.
+async fn health_server(
+    listener: tokio::net::TcpListener,
+    health: SharedHealth,
+    metrics: Arc<Metrics>,
+    agent: Arc<Agent>,
+    cancel: CancellationToken,
+) {
+    let timelines: observe::TimelineSource =
+        Arc::new(move || serde_json::to_value(agent.timelines()).unwrap_or_default());
+    if let Err(e) = observe::serve(listener, health, metrics, timelines, cancel).await {
+        tracing::error!(error = %e, "health endpoint failed");
     }
-    delay
 }
 
 /// Asks the runtime for its name until it answers (or shutdown); the agent
@@ -443,18 +314,6 @@ async fn wait_for_runtime(
             _ = shutdown.cancelled() => return "unknown".into(),
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
-    }
-}
-
-/// Polls the CRI until it reports the container exited (at most ~2 s).
-async fn wait_until_exited(runtime: &dyn Runtime, id: &str) {
-    let exited = cri::proto::ContainerState::ContainerExited as i32;
-    for _ in 0..200 {
-        match runtime.container_status(id, false).await {
-            Ok(r) if r.status.as_ref().is_some_and(|s| s.state != exited) => {}
-            _ => return,
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

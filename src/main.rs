@@ -1,6 +1,9 @@
 //! The `ephemerald` binary: parses the command line, sets up tracing and
 //! signals, runs the library, and maps the outcome to an exit code
 //! (0 done, 1 failed, 64 bad configuration).
+//!
+//! Wiring only; the work is in the library. Must not hold logic a test
+//! could not reach through [`ephemerald::run`].
 
 use std::process::ExitCode;
 

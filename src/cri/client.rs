@@ -1,4 +1,8 @@
 //! The production [`Runtime`]: tonic clients over the runtime's unix socket.
+//!
+//! Owns the connection (unix socket, timeouts, the error hook for metrics).
+//! Must not retry or interpret answers: [`CriError`] says whether a retry
+//! may help, and the pass decides.
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -1,4 +1,7 @@
 //! Errors of the CRI boundary.
+//!
+//! Keeps the runtime's own status code and message; knows which codes are
+//! worth a retry and which mean another creator got there first.
 
 use tonic::Code;
 

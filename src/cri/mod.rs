@@ -2,6 +2,11 @@
 //! narrow [`Runtime`] trait the agent calls, its tonic implementation over a
 //! unix socket ([`CriClient`]) and the error type ([`CriError`]) that keeps
 //! the runtime's own message and says whether a failure is worth retrying.
+//!
+//! Must not know about pods or Kubernetes objects: the caller translates
+//! (`reconcile::translate`) and reads the answers (`reconcile::observe`). The
+//! server traits generated here are for the lab's fake runtime (and any
+//! in-process CRI server); the agent only calls.
 
 mod client;
 mod error;

@@ -6,6 +6,10 @@
 //! (`/tasks/exit` in the CRI namespace, through `containerd-client`). If
 //! neither is available the agent still works: the periodic resync notices
 //! exits, only later. Streams that break are re-opened with backoff.
+//!
+//! Owns: the exit streams and their re-opening. Must not decide what an exit
+//! means for a pod: it only reports container ids, and the exit forwarder
+//! (`reconcile::exits`) requeues the pod.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,4 +1,6 @@
 //! The production [`Cluster`] and [`EventSink`] on `kube::Client`.
+//!
+//! Must not decide anything: every failure goes back as a [`K8sError`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,10 +15,9 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Cluster, ContainerEvent, EventSink, K8sError};
+use super::{Cluster, ContainerEvent, DockerConfig, EventSink, K8sError};
 use crate::backoff::Backoff;
 use crate::kubelet;
-use crate::reconcile::image::DockerConfig;
 
 /// Name in Events' `source.component` and `reportingComponent`.
 pub const COMPONENT: &str = "ephemerald";

@@ -1,6 +1,12 @@
 //! The Kubernetes API boundary: what the agent reads from and writes to the
 //! API server, behind narrow traits ([`EventSink`]), with the production
 //! implementation on `kube::Client`.
+//!
+//! Owns: every request the agent makes to the API server except the pod
+//! watch itself ([`Cluster`]), the kubelet-style Events ([`EventSink`]) and the
+//! error type. Must not import from `reconcile`: the types it returns
+//! (ConfigMaps, Secrets, the pull secrets' [`DockerConfig`]) are defined
+//! here or in k8s-openapi, and what they mean is the caller's business.
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -111,7 +117,9 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerStatus, Node, PersistentVolume, PersistentVolumeClaim, Secret, Service,
 };
 
-use crate::reconcile::image::DockerConfig;
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
 
 /// Errors of the Kubernetes boundary.
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +210,34 @@ impl K8sError {
             K8sError::Config(_) | K8sError::Kubeconfig { .. } | K8sError::Infer(_) => false,
         }
     }
+}
+
+/// The `auths` of a `.dockerconfigjson` (or the bare map of a `.dockercfg`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DockerConfig {
+    /// Registry key → credentials.
+    #[serde(default)]
+    pub auths: BTreeMap<String, DockerAuth>,
+}
+
+/// One registry's credentials.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DockerAuth {
+    /// User name.
+    #[serde(default)]
+    pub username: String,
+    /// Password.
+    #[serde(default)]
+    pub password: String,
+    /// base64 of `user:password`.
+    #[serde(default)]
+    pub auth: String,
+    /// Identity token.
+    #[serde(default, rename = "identitytoken")]
+    pub identity_token: String,
+    /// Registry token.
+    #[serde(default, rename = "registrytoken")]
+    pub registry_token: String,
 }
 
 /// What the agent asks of the API server besides the pod watch.

@@ -4,6 +4,10 @@
 //!
 //! Phase names of `ephemerald_start_phase_seconds` (see [`phase`]) follow
 //! one container from the watch event to its terminated status.
+//!
+//! Owns: the metric names, the health state and its HTTP server (plain
+//! hyper, no framework). Must not reach into the agent: what it serves comes
+//! in as values and closures ([`TimelineSource`]).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};

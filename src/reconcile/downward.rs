@@ -5,6 +5,8 @@
 //! node's allocatable, divided by the divisor and rounded up. Ephemeral
 //! containers have no resources, so their requests read 0 and their limits
 //! the node's allocatable. Pure: the allocatable comes in.
+//!
+//! Must not read anything: the caller passes what it needs.
 
 use std::collections::BTreeMap;
 

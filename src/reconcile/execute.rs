@@ -7,6 +7,10 @@
 //! symlink ([`super::logs`]) — with the
 //! kubelet's Events and waiting reasons. A container someone else created first is adopted,
 //! never duplicated.
+//!
+//! Owns: the steps of one start and their Events and waiting reasons. Must
+//! not decide whether to start (that is `plan`) nor remember failures (that
+//! is the pass, in `memory`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -16,7 +20,9 @@ use k8s_openapi::api::core::v1::{EphemeralContainer, Pod};
 use super::image::{self, PullPolicy};
 use super::refs;
 use super::translate::{self, HostFiles, NodeDirs, Referenced, ResolvedImage, TranslateError};
-use crate::cri::proto::{AuthConfig, ContainerFilter, ImageSpec, PodSandboxConfig};
+use crate::cri::proto::{
+    AuthConfig, ContainerConfig, ContainerFilter, ImageSpec, PodSandboxConfig,
+};
 use crate::cri::{CriError, Runtime};
 use crate::k8s::{Cluster, ContainerEvent, EventSink, EventType, K8sError};
 use crate::kubelet;
@@ -153,7 +159,42 @@ pub async fn start_with(
         }
     };
     let image_took = t0.elapsed();
+    let (attempt, config) = container_config(cx, cluster, pod, c, target_id, &image).await?;
 
+    // A log of an earlier attempt may be another creator's: it may have
+    // started this container after the caller looked at the runtime (the log
+    // appears at start), and then the attempts differ and the runtime's name
+    // reservation cannot catch the race. Looking again after reading the log
+    // directory closes it: a creator that starts later collides with us on
+    // the reserved name instead.
+    if attempt > 0
+        && let Some(id) = existing(cx, pod, c).await
+    {
+        return Ok(adopted(pod, c, id));
+    }
+    create_and_start(cx, pod, c, config, image_took).await
+}
+
+/// The CRI config of `c` (and its attempt), with everything it needs read
+/// and prepared first: the objects it refers to, its host files, its
+/// volumes; any failure is the kubelet's `CreateContainerConfigError`.
+async fn container_config(
+    cx: &StartContext<'_>,
+    cluster: Option<&dyn Cluster>,
+    pod: &Pod,
+    c: &EphemeralContainer,
+    target_id: Option<&str>,
+    image: &ResolvedImage,
+) -> Result<(u32, ContainerConfig), StartFailure> {
+    let fail_event = |msg: &str| {
+        cx.events.record(ContainerEvent::new(
+            pod,
+            &c.name,
+            EventType::Warning,
+            "Failed",
+            format!("Error: {msg}"),
+        ))
+    };
     let config_error = |e: String| {
         fail_event(&e);
         StartFailure::new(reason::CREATE_CONTAINER_CONFIG, e, true)
@@ -175,7 +216,7 @@ pub async fn start_with(
             pod,
             container: c,
             target_id,
-            image: &image,
+            image,
             attempt,
             host_files: &host_files,
             node: cx.dirs,
@@ -184,18 +225,23 @@ pub async fn start_with(
     )
     .map_err(|e: TranslateError| config_error(e.to_string()))?;
     check_volumes_set_up(cx.dirs, pod, &config.mounts).map_err(config_error)?;
+    Ok((attempt, config))
+}
 
-    // A log of an earlier attempt may be another creator's: it may have
-    // started this container after the caller looked at the runtime (the log
-    // appears at start), and then the attempts differ and the runtime's name
-    // reservation cannot catch the race. Looking again after reading the log
-    // directory closes it: a creator that starts later collides with us on
-    // the reserved name instead.
-    if attempt > 0
-        && let Some(id) = existing(cx, pod, c).await
-    {
-        return Ok(adopted(pod, c, id));
-    }
+/// CreateContainer + StartContainer with the kubelet's Events; a name the
+/// runtime reserves for someone else means another creator: adopt it.
+async fn create_and_start(
+    cx: &StartContext<'_>,
+    pod: &Pod,
+    c: &EphemeralContainer,
+    config: ContainerConfig,
+    image_took: Duration,
+) -> Result<Started, StartFailure> {
+    let event = |type_, reason, msg: String| {
+        cx.events
+            .record(ContainerEvent::new(pod, &c.name, type_, reason, msg))
+    };
+    let fail_event = |msg: &str| event(EventType::Warning, "Failed", format!("Error: {msg}"));
 
     let log_file = Path::new(&cx.sandbox_config.log_directory).join(&config.log_path);
     let t1 = Instant::now();
@@ -364,7 +410,23 @@ async fn ensure_image(
             (None, _) => {}
         }
     }
+    pull(cx, pod, c, spec, &requested).await
+}
 
+/// The pull half of `EnsureImageExists`: each pull secret that matches in
+/// turn (or none), then the pulled image's status, with the kubelet's
+/// Events and wording.
+async fn pull(
+    cx: &StartContext<'_>,
+    pod: &Pod,
+    c: &EphemeralContainer,
+    spec: ImageSpec,
+    requested: &str,
+) -> Result<ResolvedImage, StartFailure> {
+    let event = |type_, reason, msg: String| {
+        cx.events
+            .record(ContainerEvent::new(pod, &c.name, type_, reason, msg))
+    };
     event(
         EventType::Normal,
         "Pulling",

@@ -2,11 +2,11 @@
 //! them: the pull policy with the API defaults, the default `:latest` tag,
 //! the image reference grammar (`InvalidImageName`), and matching the pod's
 //! `imagePullSecrets` to a registry.
-
-use std::collections::BTreeMap;
+//!
+//! Pure. Must not pull or ask the runtime: `execute` does, with these
+//! rules.
 
 use k8s_openapi::api::core::v1::EphemeralContainer;
-use serde::Deserialize;
 
 use crate::cri::proto::AuthConfig;
 
@@ -209,33 +209,9 @@ pub fn registry(image: &str) -> String {
     }
 }
 
-/// The `auths` of a `.dockerconfigjson` (or the bare map of a `.dockercfg`).
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct DockerConfig {
-    /// Registry key → credentials.
-    #[serde(default)]
-    pub auths: BTreeMap<String, DockerAuth>,
-}
-
-/// One registry's credentials.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct DockerAuth {
-    /// User name.
-    #[serde(default)]
-    pub username: String,
-    /// Password.
-    #[serde(default)]
-    pub password: String,
-    /// base64 of `user:password`.
-    #[serde(default)]
-    pub auth: String,
-    /// Identity token.
-    #[serde(default, rename = "identitytoken")]
-    pub identity_token: String,
-    /// Registry token.
-    #[serde(default, rename = "registrytoken")]
-    pub registry_token: String,
-}
+// The pull secrets' payload is the API boundary's type (`k8s` reads the
+// Secrets); it is re-exported here, where credentials are matched.
+pub use crate::k8s::{DockerAuth, DockerConfig};
 
 /// Credentials from the pull secrets that match the image's registry, in
 /// secret order; the kubelet tries them one after the other.

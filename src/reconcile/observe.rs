@@ -2,7 +2,11 @@
 //! and containers, found by the `io.kubernetes.pod.uid` label, newest first.
 //! Also reads the termination messages of exited ephemeral containers, the
 //! way the kubelet does (from the file bound at `terminationMessagePath`, or
-//! the log tail for `FallbackToLogsOnError`).
+//! the log tail for `FallbackToLogsOnError`), and the sandbox details
+//! (cgroup parent, log directory) from containerd's verbose sandbox info.
+//!
+//! Owns: reading the runtime's view of a pod. Must not change anything in
+//! the runtime.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
@@ -323,9 +327,54 @@ pub fn cri_log_messages(log: &str) -> String {
     out
 }
 
+/// What the agent needs from a sandbox to recreate its config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxDetails {
+    /// cgroup parent the sandbox was created with.
+    pub cgroup_parent: String,
+    /// Its log directory.
+    pub log_directory: Option<String>,
+}
+
+/// containerd's verbose sandbox info holds the config it was created with.
+pub fn parse_sandbox_info(info: &str) -> SandboxDetails {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(info) else {
+        return SandboxDetails::default();
+    };
+    let config = &v["config"];
+    let linux = &config["linux"];
+    let cgroup_parent = linux["cgroup_parent"]
+        .as_str()
+        .or(linux["cgroupParent"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let log_directory = config["log_directory"]
+        .as_str()
+        .or(config["logDirectory"].as_str())
+        .map(str::to_string);
+    SandboxDetails {
+        cgroup_parent,
+        log_directory,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sandbox_info_gives_cgroup_parent_and_log_dir() {
+        let info = r#"{"pid":1,"config":{"log_directory":"/var/log/pods/ns_p_u",
+            "linux":{"cgroup_parent":"/kubepods/besteffort/podu"}}}"#;
+        assert_eq!(
+            parse_sandbox_info(info),
+            SandboxDetails {
+                cgroup_parent: "/kubepods/besteffort/podu".into(),
+                log_directory: Some("/var/log/pods/ns_p_u".into()),
+            }
+        );
+        assert_eq!(parse_sandbox_info("not json"), SandboxDetails::default());
+    }
 
     #[test]
     fn log_tail_strips_the_cri_prefix_and_joins_partials() {

@@ -13,6 +13,9 @@
 //! One rule is ours: a container the API status shows as having run (it has a
 //! containerID) is never started again even if the runtime lost it, because
 //! the API server refuses to move a terminated container back.
+//!
+//! Must not do I/O or read the clock; the caller passes the gates (backoff,
+//! refusals, the resume deadline).
 
 use std::collections::{BTreeMap, HashSet};
 

@@ -13,6 +13,8 @@
 //! cached lister may lag behind a Service created just before the pod.
 //! While the API server does not answer, [`crate::k8s::KubeCluster`] gives
 //! the answer of the same read last time, as the kubelet's cache would.
+//!
+//! Must not interpret what it reads: `translate` does.
 
 use k8s_openapi::api::core::v1::{EphemeralContainer, PersistentVolume, Pod, Service};
 

@@ -18,8 +18,8 @@ use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::downward::Amount;
-use super::host::HostFacts;
 use crate::cri::proto::{HugepageLimit, LinuxContainerResources};
+use crate::host::HostFacts;
 
 /// A pod's quality-of-service class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,6 +10,8 @@
 //! - a terminated status is final: it is reused as it is, never moved back;
 //! - ephemeral containers are never ready and never restarted;
 //! - the list is sorted by name and always written whole.
+//!
+//! Must not write anything: the pass sends what this computes.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,7 +21,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::observe::{Observed, State};
+use super::observe::{self, Observed, State};
 
 /// The last failure to start a container (the kubelet's "reason cache").
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,10 +44,19 @@ pub fn ephemeral_statuses(
         return vec![];
     };
     let has_init = spec.init_containers.as_ref().is_some_and(|v| !v.is_empty());
-    let old: BTreeMap<&str, &ContainerStatus> = api_statuses(pod)
-        .iter()
-        .map(|s| (s.name.as_str(), s))
-        .collect();
+    let never = spec.restart_policy.as_deref() == Some("Never");
+    // One entry per name; of two with the same name (no API server keeps
+    // them, but a status is only as good as its writer), a terminated one
+    // wins, since terminated is final.
+    let mut old: BTreeMap<&str, &ContainerStatus> = BTreeMap::new();
+    for s in api_statuses(pod) {
+        let keep = old
+            .get(s.name.as_str())
+            .is_some_and(|o| is_terminated(o) && !is_terminated(s));
+        if !keep {
+            old.insert(s.name.as_str(), s);
+        }
+    }
 
     let mut out: Vec<ContainerStatus> = spec
         .ephemeral_containers
@@ -71,81 +82,16 @@ pub fn ephemeral_statuses(
                 )),
                 ..Default::default()
             };
-            let mut may_show_failure = true;
-            match observed.newest(&c.name) {
-                Some(rc) => {
-                    st.container_id = Some(format!("{runtime_name}://{}", rc.id));
-                    if !rc.image.is_empty() {
-                        st.image = rc.image.clone();
-                    }
-                    st.image_id = rc.image_ref.clone();
-                    st.state = Some(match rc.state {
-                        State::Running => {
-                            may_show_failure = false;
-                            ContainerState {
-                                running: Some(ContainerStateRunning {
-                                    started_at: time(rc.started_at),
-                                }),
-                                ..Default::default()
-                            }
-                        }
-                        State::Exited => {
-                            let terminated = ContainerState {
-                                terminated: Some(ContainerStateTerminated {
-                                    container_id: st.container_id.clone(),
-                                    exit_code: rc.exit_code,
-                                    reason: Some(rc.reason.clone()).filter(|r| !r.is_empty()),
-                                    message: Some(rc.message.clone()).filter(|m| !m.is_empty()),
-                                    started_at: time(rc.started_at),
-                                    finished_at: time(rc.finished_at),
-                                    signal: None,
-                                }),
-                                ..Default::default()
-                            };
-                            let start_failed = failures
-                                .get(&c.name)
-                                .is_some_and(|f| f.reason == super::execute::reason::RUN_CONTAINER);
-                            let never = spec.restart_policy.as_deref() == Some("Never");
-                            if start_failed && !never {
-                                st.last_state = Some(terminated);
-                                waiting_empty()
-                            } else {
-                                may_show_failure = false;
-                                terminated
-                            }
-                        }
-                        State::Created | State::Unknown => waiting_empty(),
-                    });
-                }
+            let failure = failures.get(&c.name);
+            let may_show_failure = match observed.newest(&c.name) {
+                Some(rc) => from_runtime(&mut st, rc, failure, never, runtime_name),
                 None if prior.is_some_and(is_running) => {
-                    // It ran and the runtime no longer has it: it is gone for good.
-                    may_show_failure = false;
-                    let p = prior.expect("checked above");
-                    st.container_id = p.container_id.clone();
-                    st.image_id = p.image_id.clone();
-                    st.state = Some(ContainerState {
-                        terminated: Some(ContainerStateTerminated {
-                            container_id: p.container_id.clone(),
-                            exit_code: 137,
-                            reason: Some("ContainerStatusUnknown".into()),
-                            message: Some(
-                                "The container could not be located when the pod was terminated"
-                                    .into(),
-                            ),
-                            started_at: p
-                                .state
-                                .as_ref()
-                                .and_then(|s| s.running.as_ref())
-                                .and_then(|r| r.started_at.clone()),
-                            finished_at: None,
-                            signal: None,
-                        }),
-                        ..Default::default()
-                    });
+                    gone(&mut st, prior.expect("checked above"));
+                    false
                 }
-                None => {}
-            }
-            if may_show_failure && let Some(f) = failures.get(&c.name) {
+                None => true,
+            };
+            if may_show_failure && let Some(f) = failure {
                 st.state = Some(waiting(&f.reason, Some(&f.message)));
             }
             st
@@ -153,6 +99,83 @@ pub fn ephemeral_statuses(
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// Fills in what the runtime shows of the container; returns whether a
+/// remembered start failure may still show over it (not once it runs, or
+/// exited for good).
+fn from_runtime(
+    st: &mut ContainerStatus,
+    rc: &observe::Container,
+    failure: Option<&Failure>,
+    never: bool,
+    runtime_name: &str,
+) -> bool {
+    let mut may_show_failure = true;
+    st.container_id = Some(format!("{runtime_name}://{}", rc.id));
+    if !rc.image.is_empty() {
+        st.image = rc.image.clone();
+    }
+    st.image_id = rc.image_ref.clone();
+    st.state = Some(match rc.state {
+        State::Running => {
+            may_show_failure = false;
+            ContainerState {
+                running: Some(ContainerStateRunning {
+                    started_at: time(rc.started_at),
+                }),
+                ..Default::default()
+            }
+        }
+        State::Exited => {
+            let terminated = ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    container_id: st.container_id.clone(),
+                    exit_code: rc.exit_code,
+                    reason: Some(rc.reason.clone()).filter(|r| !r.is_empty()),
+                    message: Some(rc.message.clone()).filter(|m| !m.is_empty()),
+                    started_at: time(rc.started_at),
+                    finished_at: time(rc.finished_at),
+                    signal: None,
+                }),
+                ..Default::default()
+            };
+            let start_failed =
+                failure.is_some_and(|f| f.reason == super::execute::reason::RUN_CONTAINER);
+            if start_failed && !never {
+                st.last_state = Some(terminated);
+                waiting_empty()
+            } else {
+                may_show_failure = false;
+                terminated
+            }
+        }
+        State::Created | State::Unknown => waiting_empty(),
+    });
+    may_show_failure
+}
+
+/// It ran and the runtime no longer has it: it is gone for good, as the
+/// kubelet reports it (`ContainerStatusUnknown`, 137).
+fn gone(st: &mut ContainerStatus, p: &ContainerStatus) {
+    st.container_id = p.container_id.clone();
+    st.image_id = p.image_id.clone();
+    st.state = Some(ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            container_id: p.container_id.clone(),
+            exit_code: 137,
+            reason: Some("ContainerStatusUnknown".into()),
+            message: Some("The container could not be located when the pod was terminated".into()),
+            started_at: p
+                .state
+                .as_ref()
+                .and_then(|s| s.running.as_ref())
+                .and_then(|r| r.started_at.clone()),
+            finished_at: None,
+            signal: None,
+        }),
+        ..Default::default()
+    });
 }
 
 /// How far along a status is: none < waiting < running < terminated.

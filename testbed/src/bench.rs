@@ -464,7 +464,9 @@ async fn end_to_end(
             }
         }
     }
-    let timelines = agent.timelines().await?;
+    // The agent notes its write when the PATCH answer is back, which can be
+    // after the watch showed the status: wait for the note.
+    let timelines = timelines_with(agent, "e2e", &names, "running_written").await?;
     let field = |f: &str| times(&timelines, "e2e", &names, f);
     let (seen, issued, started, written) = (
         field("seen")?,
@@ -557,7 +559,7 @@ async fn exit_detection(
         watch_seen.insert(name.clone(), watched.terminated("exit", &name).await?);
         names.push(name);
     }
-    let timelines = agent.timelines().await?;
+    let timelines = timelines_with(agent, "exit", &names, "terminated_written").await?;
     let to_status = spans(&timelines, "exit", &names, "exited", "terminated_written")?;
     let exited = times(&timelines, "exit", &names, "exited")?;
     let to_watch: Vec<f64> = names
@@ -614,7 +616,7 @@ async fn burst(opts: &BenchOpts, stack: &Stack, watched: &Watched) -> Result<Bur
 
 /// One scale run: `pods` pods in a fresh API server, the fake CRI, the
 /// agent binary.
-async fn scale_run(opts: &BenchOpts, pods: usize) -> Result<Scale, BenchError> {
+pub async fn scale_run(opts: &BenchOpts, pods: usize) -> Result<Scale, BenchError> {
     let dir = opts.dir.join(format!("scale-{pods}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
@@ -635,7 +637,7 @@ async fn scale_run(opts: &BenchOpts, pods: usize) -> Result<Scale, BenchError> {
         pods: dir.join("kubelet/pods"),
         seccomp: dir.join("kubelet/seccomp"),
         container_logs: dir.join("containers"),
-        host: ephemerald::reconcile::host::HostFacts::detect(),
+        host: ephemerald::host::HostFacts::detect(),
     };
     let cri = Arc::new(CriClient::new(&fake.endpoint())?.with_timeout(Duration::from_secs(10)));
     let runner = PodRunner::new(cri as Arc<dyn Runtime>, dirs.clone(), "/kubepods");
@@ -798,6 +800,25 @@ async fn wait_created(agent: &AgentProcess, pod: &str, name: &str) -> Result<(),
             return Err(BenchError::Failed(format!(
                 "the agent never created {pod}/{name}"
             )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The agent's timelines once each of `names` in `pod` has `field` (the
+/// agent stamps a status write when the API server's answer is back, which
+/// may come after a watch client saw the status).
+async fn timelines_with(
+    agent: &AgentProcess,
+    pod: &str,
+    names: &[String],
+    field: &str,
+) -> Result<Vec<serde_json::Value>, BenchError> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let timelines = agent.timelines().await?;
+        if times(&timelines, pod, names, field).is_ok() || Instant::now() > deadline {
+            return Ok(timelines);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -1471,5 +1492,14 @@ mod tests {
     fn rounds_alternate_the_order() {
         assert_eq!(alternate(0), [0, 1]);
         assert_eq!(alternate(1), [1, 0]);
+    }
+
+    #[test]
+    fn results_read_back_exactly() {
+        // A measured value that serde_json's default (best-effort) float
+        // parser reads back one ulp off.
+        let v = 181.137242_f64;
+        let back: f64 = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+        assert_eq!(back, v);
     }
 }

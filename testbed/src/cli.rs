@@ -28,6 +28,9 @@ pub enum Command {
     /// Measure the agent binary on the testbed (needs root): print a table
     /// and write the results as JSON.
     Bench(BenchArgs),
+    /// Two agent binaries side by side on the scale run (fake CRI, no root
+    /// needed): size, start → ready and memory, with ratios.
+    Compare(CompareArgs),
 }
 
 /// `ephemerald-testbed demo`.
@@ -81,5 +84,27 @@ pub struct BenchArgs {
 
     /// Working directory (agent logs, the fake CRI's socket).
     #[arg(long, default_value = ".testbed/bench")]
+    pub dir: PathBuf,
+}
+
+/// `ephemerald-testbed compare`.
+#[derive(Debug, Clone, Args)]
+pub struct CompareArgs {
+    /// The first agent binary (A, e.g. main's).
+    pub a: PathBuf,
+
+    /// The second agent binary (B, e.g. a branch's).
+    pub b: PathBuf,
+
+    /// Pods bound to the node, one scale run per count and binary a round.
+    #[arg(long, value_delimiter = ',', default_values_t = [20, 1000])]
+    pub pods: Vec<usize>,
+
+    /// Rounds (each runs both binaries, in alternating order).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+
+    /// Working directory (agent logs, the fake CRI's socket).
+    #[arg(long, default_value = ".testbed/compare")]
     pub dir: PathBuf,
 }

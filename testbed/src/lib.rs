@@ -8,6 +8,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod containerd;
 pub mod demo;
 pub mod fake_cri;

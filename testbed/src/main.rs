@@ -1,4 +1,4 @@
-//! The lab's binary, `ephemerald-testbed`: `demo`, `bench` and
+//! The lab's binary, `ephemerald-testbed`: `demo`, `bench`, `compare` and
 //! `testbed up|down`. Wiring only; the work is in the library.
 
 use std::process::ExitCode;
@@ -40,6 +40,10 @@ fn main() -> ExitCode {
         Command::Bench(args) => {
             init_tracing("warn");
             report(runtime.block_on(ephemerald_testbed::bench::run_cli(args)))
+        }
+        Command::Compare(args) => {
+            init_tracing("warn");
+            report(runtime.block_on(ephemerald_testbed::compare::run_cli(args)))
         }
         Command::Testbed(args) => {
             init_tracing("info");

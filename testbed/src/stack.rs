@@ -79,7 +79,7 @@ impl Stack {
             pods: containerd.pods_dir(),
             seccomp: containerd.dir().join("seccomp"),
             container_logs: containerd.dir().join("containers"),
-            host: ephemerald::reconcile::host::HostFacts::detect(),
+            host: ephemerald::host::HostFacts::detect(),
         };
         let runner = PodRunner::new(
             cri.clone() as Arc<dyn Runtime>,

@@ -1,10 +1,12 @@
 //! Table-driven tests of the spec → CRI translation, one rule per test.
 
 use super::*;
+use crate::cri::proto::{LinuxContainerSecurityContext, MountPropagation};
+use crate::host::HostFacts;
 use k8s_openapi::api::core::v1::{
-    ConfigMapEnvSource, ConfigMapKeySelector, EnvFromSource, EnvVar, EnvVarSource,
-    ObjectFieldSelector, PodSpec, PodStatus, ResourceFieldSelector, SeccompProfile,
-    SecretEnvSource, SecretKeySelector, VolumeMount,
+    Capabilities, ConfigMapEnvSource, ConfigMapKeySelector, EnvFromSource, EnvVar, EnvVarSource,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodStatus, ResourceFieldSelector,
+    SeccompProfile, SecretEnvSource, SecretKeySelector, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
